@@ -189,7 +189,8 @@ class Ledger:
         seg = Segment(float(noise_multiplier), float(sample_rate), 0, sampling, num_examples)
         if self.segments and dataclasses.replace(self.segments[-1], steps=0) == seg:
             last = self.segments[-1]
-            return Ledger(self.segments[:-1] + (dataclasses.replace(last, steps=last.steps + steps),))
+            merged = dataclasses.replace(last, steps=last.steps + steps)
+            return Ledger(self.segments[:-1] + (merged,))
         return Ledger(self.segments + (dataclasses.replace(seg, steps=steps),))
 
     @property
