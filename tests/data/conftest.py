@@ -28,6 +28,11 @@ def idx_bytes(array: np.ndarray, magic: int) -> bytes:
     return magic.to_bytes(4, "big") + dims + np.asarray(array, np.uint8).tobytes()
 
 
+@pytest.fixture(name="idx_bytes")
+def idx_bytes_fixture() -> Callable[[np.ndarray, int], bytes]:
+    return idx_bytes
+
+
 def write_file(path: Path, content: bytes, gz: bool) -> Path:
     if gz:
         path = path.with_name(path.name + ".gz")
