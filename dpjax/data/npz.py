@@ -56,6 +56,11 @@ def load_npz(
             raise ValueError(
                 f"Expected y_{split} in {file} to be 1-D integers; got {y.dtype} {y.shape}."
             )
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"Expected x_{split} and y_{split} in {file} to have the same number of "
+                f"examples; got {x.shape[0]} and {y.shape[0]}."
+            )
     if num_classes is None:
         num_classes = int(arrays["y_train"].max(initial=0)) + 1
     _checks.int_at_least("num_classes", num_classes, 2)
