@@ -13,7 +13,13 @@ from dpjax.data.dataset import Dataset
 from dpjax.data.embedded import load_digits, load_synthetic
 from dpjax.data.idx import load_fashion_mnist, load_mnist, read_idx
 from dpjax.data.mnist1d import load_mnist1d
-from dpjax.data.normalize import NORMALIZATIONS, channel_stats, normalize_splits, standardize
+from dpjax.data.normalize import (
+    NORMALIZATIONS,
+    channel_stats,
+    check_scheme,
+    normalize_splits,
+    standardize,
+)
 from dpjax.data.npz import load_npz
 from dpjax.data.registry import DATASETS, load_dataset, loader_options
 
@@ -22,6 +28,7 @@ __all__ = [
     "NORMALIZATIONS",
     "Dataset",
     "channel_stats",
+    "check_scheme",
     "load_cifar10",
     "load_dataset",
     "load_digits",

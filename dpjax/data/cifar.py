@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import normalize_splits
+from dpjax.data.normalize import check_scheme, normalize_splits
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -41,6 +41,7 @@ def load_cifar10(*, data_dir: str | os.PathLike[str], normalize: str = "standard
       ValueError: a batch is not a dict with ``b"data"`` and ``b"labels"`` of
         matching sizes.
     """
+    check_scheme(normalize, max_value=_PIXEL_MAX_VALUE)
     folder = resolve_folder(Path(data_dir).expanduser())
     train = [read_batch(folder / name) for name in TRAIN_BATCHES]
     x_train = np.concatenate([images for images, _ in train])

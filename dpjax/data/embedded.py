@@ -9,7 +9,7 @@ import numpy as np
 
 from dpjax.data import _checks
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import normalize_splits
+from dpjax.data.normalize import check_scheme, normalize_splits
 
 _DIGITS_MAX_VALUE = 16.0
 
@@ -32,6 +32,7 @@ def load_digits(
 
     _checks.open_fraction("test_fraction", test_fraction)
     _checks.seed("seed", seed)
+    check_scheme(normalize, max_value=_DIGITS_MAX_VALUE)
     bunch = sklearn_load_digits()
     images = bunch.images[..., None]
     labels = bunch.target.astype(np.int32)
@@ -92,6 +93,7 @@ def load_synthetic(
     _checks.finite_non_negative("separation", separation)
     _checks.finite_non_negative("noise", noise)
     _checks.seed("seed", seed)
+    check_scheme(normalize)
     means_rng, train_rng, test_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import normalize_splits
+from dpjax.data.normalize import check_scheme, normalize_splits
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -60,6 +60,7 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike[str], normalize: str
       ValueError: a file is not a valid IDX file of the expected kind, or the
         image and label counts differ.
     """
+    check_scheme(normalize, max_value=_PIXEL_MAX_VALUE)
     directory = Path(data_dir).expanduser()
     paths = {key: find_idx_file(directory, base, name) for key, base in IDX_FILES.items()}
     splits = {}

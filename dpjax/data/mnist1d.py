@@ -23,7 +23,7 @@ import numpy as np
 
 from dpjax.data import _checks
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import normalize_splits
+from dpjax.data.normalize import check_scheme, normalize_splits
 
 CACHE_FORMAT_VERSION = 1
 SEQUENCE_LENGTH = 40
@@ -68,6 +68,7 @@ def load_mnist1d(
         )
     _checks.open_fraction("test_fraction", test_fraction)
     _checks.seed("seed", seed)
+    check_scheme(normalize)
     num_train, _ = _checks.split_sizes("test_fraction", num_samples, test_fraction)
     x, y = cached_samples(num_samples, seed, resolve_cache_dir(cache_dir))
     x_train, x_test = normalize_splits(x[:num_train, :, None], x[num_train:, :, None], normalize)

@@ -54,6 +54,15 @@ def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return (np.asarray(x, np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
 
 
+def check_scheme(scheme: str, *, max_value: float | None = None) -> None:
+    """Raise ``ValueError`` unless ``scheme`` applies (``"scale"`` needs ``max_value``).
+
+    Loaders call this before reading or generating anything.
+    """
+    accepted = NORMALIZATIONS if max_value is not None else ("standardize", "none")
+    one_of("normalize", scheme, accepted)
+
+
 def normalize_splits(
     x_train: np.ndarray,
     x_test: np.ndarray,
@@ -73,8 +82,7 @@ def normalize_splits(
       ``(x_train, x_test)`` as ``float32``. The result for ``x_train`` does
       not depend on ``x_test``.
     """
-    accepted = NORMALIZATIONS if max_value is not None else ("standardize", "none")
-    one_of("normalize", scheme, accepted)
+    check_scheme(scheme, max_value=max_value)
     if scheme == "standardize":
         mean, std = channel_stats(x_train)
         return standardize(x_train, mean, std), standardize(x_test, mean, std)

@@ -10,7 +10,7 @@ import numpy as np
 
 from dpjax.data import _checks
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import normalize_splits
+from dpjax.data.normalize import check_scheme, normalize_splits
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -38,6 +38,7 @@ def load_npz(
       ValueError: the file is not an ``.npz`` archive, lacks an array, or the
         arrays have the wrong dtypes or inconsistent shapes.
     """
+    check_scheme(normalize)
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(

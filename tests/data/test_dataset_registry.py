@@ -55,3 +55,19 @@ def test_every_loader_takes_a_normalize_option():
 def test_public_names_are_exported():
     for name in dpjax.data.__all__:
         assert hasattr(dpjax.data, name)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("mnist", {"data_dir": "/nonexistent"}),
+        ("fashion_mnist", {"data_dir": "/nonexistent"}),
+        ("cifar10", {"data_dir": "/nonexistent"}),
+        ("npz", {"path": "/nonexistent.npz"}),
+        ("digits", {}),
+        ("synthetic", {}),
+    ],
+)
+def test_bad_normalize_is_refused_before_any_file_is_read(name, options):
+    with pytest.raises(ValueError, match="normalize='zscore' to be one of"):
+        load_dataset(name, normalize="zscore", **options)
