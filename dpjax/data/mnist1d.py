@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import random
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,10 @@ def _read_cache(path: Path, num_samples: int) -> tuple[np.ndarray, np.ndarray] |
 
 def _write_atomically(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    # Not tempfile.mkstemp: its files are private (0600); a cache file gets the
+    # permissions the umask gives, like any other file the user writes.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, x=x, y=y)

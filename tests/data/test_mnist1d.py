@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -121,3 +122,13 @@ def test_mnist1d_invalid_options_name_key_and_value(tmp_path, counted_generate, 
     with pytest.raises(ValueError, match=message):
         load_dataset("mnist1d", cache_dir=tmp_path, **{"num_samples": 100, **options})
     assert counted_generate == []
+
+
+def test_mnist1d_cache_file_follows_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        load_dataset("mnist1d", num_samples=100, cache_dir=tmp_path)
+    finally:
+        os.umask(previous)
+    (cached,) = tmp_path.glob("*.npz")
+    assert cached.stat().st_mode & 0o777 == 0o644
