@@ -27,7 +27,7 @@ from dpjax.secagg.encoding import check_no_wrap, decode, encode, quantization_er
 from dpjax.secagg.graph import complete_graph, harary_graph, random_regular_graph
 from dpjax.secagg.keys import KeyAgreement
 from dpjax.secagg.randomness import Mode, Purpose, fresh_seed, simulation_seed
-from dpjax.secagg.shamir import MERSENNE_61, shamir_reconstruct, shamir_share
+from dpjax.secagg.shamir import MERSENNE_61, shamir_evaluate, shamir_reconstruct, shamir_share
 from dpjax.secagg.sharing import reconstruct, share
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "random_regular_graph",
     "reconstruct",
     "secure_sum",
+    "shamir_evaluate",
     "shamir_reconstruct",
     "shamir_share",
     "share",

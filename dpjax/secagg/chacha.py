@@ -113,6 +113,13 @@ def _chunked_counters(counter0: int, num_words: int) -> jax.Array:
     return offsets + np.uint32(counter0)
 
 
+def _map_chunks(fn, counters: jax.Array) -> jax.Array:
+    # A single chunk needs no loop; skipping it makes small streams compile faster.
+    if counters.shape[0] == 1:
+        return fn(counters[0])[None]
+    return lax.map(fn, counters)
+
+
 def chacha20_stream(
     key: jax.Array, nonce: jax.Array, num_words: int, counter0: int = 0
 ) -> jax.Array:
@@ -127,7 +134,7 @@ def chacha20_stream(
         return jnp.zeros((0,), jnp.uint32)
     counters = _chunked_counters(counter0, num_words)
     # Stacking on axis 0 then transposing is faster on CPU than stacking on -1.
-    blocks = lax.map(lambda c: jnp.stack(_block_words(key, c, nonce)).T, counters)
+    blocks = _map_chunks(lambda c: jnp.stack(_block_words(key, c, nonce)).T, counters)
     return blocks.reshape(-1)[:num_words]
 
 
@@ -162,7 +169,7 @@ def weighted_stream_sum(
         zeros = jnp.zeros((WORDS_PER_BLOCK, *c.shape), jnp.uint32)
         return lax.fori_loop(0, keys.shape[0], add_stream, zeros).T
 
-    return lax.map(chunk_sum, counters).reshape(-1)[:num_words]
+    return _map_chunks(chunk_sum, counters).reshape(-1)[:num_words]
 
 
 def bytes_to_words(data: bytes) -> np.ndarray:

@@ -27,6 +27,21 @@ def _check_points(xs: Sequence[int], prime: int) -> list[int]:
     return xs
 
 
+def shamir_evaluate(
+    secrets: Sequence[int], coefficients: np.ndarray, xs: Sequence[int], prime: int
+) -> np.ndarray:
+    """Evaluates ``f_j(z) = secrets[j] + sum_i coefficients[i, j] * z^(i + 1)`` at ``xs``.
+
+    ``coefficients`` is ``[threshold - 1, len(secrets)]``; the result is an
+    object array ``[len(xs), len(secrets)]``.
+    """
+    points = np.array([int(x) for x in xs], dtype=object)[:, None]
+    acc = np.zeros((len(xs), len(secrets)), dtype=object)
+    for row in np.asarray(coefficients, dtype=object)[::-1]:  # Horner, highest degree first
+        acc = (acc + row[None, :]) * points % prime
+    return (acc + np.array([int(s) for s in secrets], dtype=object)[None, :]) % prime
+
+
 def shamir_share(
     secrets: Sequence[int],
     *,
@@ -46,14 +61,10 @@ def shamir_share(
     values = [int(s) for s in secrets]
     if any(not 0 <= s < prime for s in values):
         raise ValueError(f"Expected every secret in [0, prime={prime}).")
-    coeffs = np.array(
+    coefficients = np.array(
         random_below(prime, (threshold - 1) * len(values), rng), dtype=object
     ).reshape(threshold - 1, len(values))
-    points = np.array(xs, dtype=object)[:, None]
-    acc = np.zeros((len(xs), len(values)), dtype=object)
-    for row in coeffs[::-1]:  # Horner, highest degree first
-        acc = (acc + row[None, :]) * points % prime
-    return (acc + np.array(values, dtype=object)[None, :]) % prime
+    return shamir_evaluate(values, coefficients, xs, prime)
 
 
 def lagrange_at_zero(xs: Sequence[int], prime: int = MERSENNE_61) -> list[int]:
