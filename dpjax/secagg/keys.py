@@ -58,10 +58,10 @@ def x25519_pair_seed(
     The info string binds the seed to the (unordered) pair and the round, so
     a seed is never reused across pairs or rounds even if keys were.
     """
+    x25519 = _x25519()
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    x25519 = _x25519()
     shared = x25519.X25519PrivateKey.from_private_bytes(own_private).exchange(
         x25519.X25519PublicKey.from_public_bytes(peer_public)
     )
