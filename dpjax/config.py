@@ -64,6 +64,9 @@ class DPConfig:
     physical_batch_size: int | None = None
     aggregation: str = "sum"
     num_parties: int = 1
+    secagg_neighbours: int | None = None
+    secagg_threshold: int | None = None
+    secagg_mode: str = "secure"
 
 
 @dataclasses.dataclass
@@ -178,8 +181,18 @@ def validate(
         if d.sampling == "fixed_size" and d.physical_batch_size not in (None, t.batch_size):
             _fail("dp.physical_batch_size", d.physical_batch_size,
                   f"to be null or train.batch_size={t.batch_size} with dp.sampling='fixed_size'")
-    if d.aggregation == "secagg" and d.num_parties < 2:
-        _fail("dp.num_parties", d.num_parties, "to be >= 2 with dp.aggregation='secagg'")
+    if d.aggregation == "secagg":
+        if d.num_parties < 2:
+            _fail("dp.num_parties", d.num_parties, "to be >= 2 with dp.aggregation='secagg'")
+        _check_choice("dp.secagg_mode", d.secagg_mode, ("secure", "simulation"))
+        _check_positive("dp.secagg_neighbours", d.secagg_neighbours, allow_none=True,
+                        integer=True)
+        _check_positive("dp.secagg_threshold", d.secagg_threshold, allow_none=True, integer=True)
+        if not d.enabled:
+            _fail("dp.aggregation", d.aggregation, "to be 'sum' with dp.enabled=false")
+        if d.physical_batch_size is not None and d.physical_batch_size % d.num_parties:
+            _fail("dp.physical_batch_size", d.physical_batch_size,
+                  f"to be a multiple of dp.num_parties={d.num_parties}")
 
 
 def check_against_dataset(cfg: RunConfig, num_train: int) -> None:

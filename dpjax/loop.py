@@ -30,9 +30,8 @@ from dpjax import accounting
 from dpjax.clipping import per_layer_clip_norms
 from dpjax.config import RunConfig, check_against_dataset, validate
 from dpjax.models import MODELS, check_no_batch_mixing, get_model
-from dpjax.sampling import FixedSizeSampler, PoissonSampler
+from dpjax.sampling import FixedSizeSampler, PoissonSampler, default_physical_batch_size
 from dpjax.train import (
-    DPStep,
     TrainState,
     cross_entropy_loss,
     init_state,
@@ -185,14 +184,17 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     optimizer = build_optimizer(cfg.optimizer)
     loss_fn = cross_entropy_loss(model.apply)
     d = cfg.dp
+    physical = d.physical_batch_size
+    if physical is None and d.aggregation == "secagg":
+        physical = default_physical_batch_size(plan.num_train, plan.sample_rate,
+                                               multiple=math.lcm(8, d.num_parties))
     if d.enabled:
         sampler = (
-            PoissonSampler(plan.num_train, plan.sample_rate, d.physical_batch_size,
-                           seed=cfg.train.seed)
+            PoissonSampler(plan.num_train, plan.sample_rate, physical, seed=cfg.train.seed)
             if d.sampling == "poisson"
             else FixedSizeSampler(plan.num_train, cfg.train.batch_size, seed=cfg.train.seed)
         )
-        step_fn = _dp_step(cfg, loss_fn, optimizer, plan, params)
+        step_fn = _dp_step(cfg, loss_fn, optimizer, plan, params, sampler.physical_batch_size)
     else:
         sampler = PoissonSampler(plan.num_train, plan.sample_rate, d.physical_batch_size,
                                  seed=cfg.train.seed)
@@ -237,6 +239,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         "accountant": d.accountant if d.enabled else None,
         "sampling": d.sampling if d.enabled else "poisson",
         "clipping": d.clipping if d.enabled else None,
+        "aggregation": d.aggregation,
+        "num_parties": d.num_parties if d.aggregation == "secagg" else None,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "eval_split": cfg.train.eval_split,
@@ -251,12 +255,22 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def _dp_step(cfg: RunConfig, loss_fn, optimizer, plan: Plan, params) -> DPStep:
+def _dp_step(cfg: RunConfig, loss_fn, optimizer, plan: Plan, params, physical: int):
     d = cfg.dp
     clip = d.l2_clip_norm
     if d.per_layer_clipping:
         # one bound per layer, C / sqrt(layers) each: the total sensitivity stays C
         clip = per_layer_clip_norms(params, d.l2_clip_norm, depth=1)
+    if d.aggregation == "secagg":
+        from dpjax.secagg.training import SecAggSettings, make_secagg_dp_step  # noqa: PLC0415
+
+        settings = SecAggSettings(d.num_parties, d.secagg_threshold, d.secagg_neighbours,
+                                  d.secagg_mode, seed=cfg.train.seed)
+        return make_secagg_dp_step(
+            loss_fn, optimizer, noise_multiplier=plan.noise_multiplier, l2_clip_norm=clip,
+            expected_batch_size=plan.expected_batch_size, physical_batch_size=physical,
+            settings=settings, microbatch_size=d.microbatch_size, clipping_method=d.clipping,
+        )
     return make_dp_step(
         loss_fn, optimizer,
         noise_multiplier=plan.noise_multiplier,

@@ -1,0 +1,75 @@
+"""DP-SGD with securely aggregated clipped sums vs the plain-sum step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpjax.secagg.training import SecAggSettings, fixed_point_scale, make_secagg_dp_step
+from dpjax.train import init_state, make_dp_step
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
+
+
+def _float32_slack(params):
+    """What float32 rounding of the updated parameters alone can account for."""
+    return 4 * np.finfo(np.float32).eps * np.abs(_flat(params)).max()
+
+
+@pytest.mark.parametrize("settings", [
+    SecAggSettings(num_parties=4, mode="simulation", seed=1),
+    SecAggSettings(num_parties=4, num_neighbours=2, mode="secure"),
+])
+def test_a_secagg_step_matches_the_plain_step_within_the_quantization_bound(
+    mlp_problem, settings
+):
+    loss_fn, params, (x, y) = mlp_problem  # batch 12 -> 3 rows per party
+    lr, b = 0.5, 12.0
+    opt = optax.sgd(lr)
+    kw = dict(noise_multiplier=1.0, l2_clip_norm=0.5, expected_batch_size=b)
+    mask = jnp.ones(12).at[4].set(0.0)
+    plain, _ = make_dp_step(loss_fn, opt, **kw).step(init_state(params, opt, 7), (x, y), mask)
+    sec = make_secagg_dp_step(loss_fn, opt, physical_batch_size=12, settings=settings, **kw)
+    secure, stats = sec.run(init_state(params, opt, 7), [((x, y), mask)])
+    diff = np.abs(_flat(secure.params) - _flat(plain.params))
+    # same noise (same key); the sums differ by <= n/scale per coordinate (+ float32 rounding)
+    bound = lr * sec.error_bound / b + _float32_slack(plain.params)
+    assert diff.max() <= bound
+    assert diff.max() > 0 or sec.error_bound < 1e-6
+    assert int(stats.batch_size) == 11
+
+
+def test_chunks_are_aggregated_in_separate_rounds_and_noised_once(mlp_problem):
+    loss_fn, params, (x, y) = mlp_problem
+    opt = optax.sgd(0.5)
+    kw = dict(noise_multiplier=1.0, l2_clip_norm=0.5, expected_batch_size=12.0)
+    mask = jnp.ones(12)
+    plain, _ = make_dp_step(loss_fn, opt, **kw).step(init_state(params, opt, 0), (x, y), mask)
+    sec = make_secagg_dp_step(loss_fn, opt, physical_batch_size=6,
+                              settings=SecAggSettings(2, mode="simulation"), **kw)
+    split, _ = sec.run(init_state(params, opt, 0), [((x[:6], y[:6]), mask[:6]),
+                                                    ((x[6:], y[6:]), mask[6:])])
+    bound = 0.5 * 2 * sec.error_bound / 12.0 + _float32_slack(plain.params)
+    assert np.abs(_flat(split.params) - _flat(plain.params)).max() <= bound
+    assert int(split.step) == 1
+
+
+def test_the_scale_never_lets_the_sum_wrap():
+    scale = fixed_point_scale(num_parties=100, rows_per_party=64, l2_clip_norm=1.0)
+    assert 100 * (64 * scale + 1) < 2**31
+    assert 100 * (64 * 4 * scale + 1) >= 2**31  # and it is not wastefully small
+
+
+def test_bad_settings_are_refused(mlp_problem):
+    loss_fn, _, _ = mlp_problem
+    with pytest.raises(ValueError, match="num_parties=1"):
+        SecAggSettings(num_parties=1)
+    with pytest.raises(ValueError, match="mode='fast'"):
+        SecAggSettings(num_parties=2, mode="fast")
+    with pytest.raises(ValueError, match="physical_batch_size=10 to be a multiple of num_p"):
+        make_secagg_dp_step(loss_fn, optax.sgd(1.0), noise_multiplier=1.0, l2_clip_norm=1.0,
+                            expected_batch_size=10.0, physical_batch_size=10,
+                            settings=SecAggSettings(4))
