@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench clean
+.PHONY: venv run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# The main job: DP training on the embedded MNIST-1D at (epsilon, delta) = (3, 1e-5).
+run: $(STAMP)
+	$(BIN)/dpjax-train experiment=mnist1d_eps3
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_step.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
