@@ -47,12 +47,19 @@ class DPCNN(nn.Module):
 
 
 class CNN1D(nn.Module):
-    """A small 1-D CNN for MNIST-1D inputs [B, length, channels]."""
+    """A small 1-D CNN for MNIST-1D inputs [B, length, channels].
+
+    ``groups > 0`` adds GroupNorm (per example) after each convolution;
+    ``pool="flatten"`` feeds every position to the classifier, ``"mean"`` /
+    ``"max"`` pool over positions first (fewer parameters).
+    """
 
     num_classes: int = 10
     channels: Sequence[int] = (32, 32, 32)
     kernel_size: int = 5
     activation: str = "relu"
+    groups: int = 0
+    pool: str = "flatten"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,8 +67,17 @@ class CNN1D(nn.Module):
         if x.ndim == 2:
             x = x[..., None]
         for i, c in enumerate(self.channels):
-            x = act(nn.Conv(c, (self.kernel_size,), strides=1 if i == 0 else 2)(x))
-        x = x.reshape((x.shape[0], -1))
+            x = nn.Conv(c, (self.kernel_size,), strides=1 if i == 0 else 2)(x)
+            if self.groups:
+                x = nn.GroupNorm(num_groups=self.groups)(x)
+            x = act(x)
+        if self.pool == "flatten":
+            x = x.reshape((x.shape[0], -1))
+        elif self.pool in ("mean", "max"):
+            x = getattr(jnp, self.pool)(x, axis=1)
+        else:
+            accepted = ["flatten", "mean", "max"]
+            raise ValueError(f"Expected pool={self.pool!r} to be one of {accepted}.")
         return nn.Dense(self.num_classes)(x)
 
 
