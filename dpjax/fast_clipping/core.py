@@ -87,7 +87,8 @@ def fast_clip_and_sum(
         t = rules.terms(layer, captured, leaves)
         leaf_sq.update({layer.leaves[n]: sq for n, sq in t.sq_norms.items()})
         weighers.append((layer, t.weighted_sum))
-        branches.append((layer.name, f"{rules.kind(layer)}: {t.branch}"))
+        how = rules.kind(layer)
+        branches.append((layer.name, how if how == t.branch else f"{how}: {t.branch}"))
     leftover = {}
     if plan.leftover:
         grads = _leftover_grads(loss_fn, params, batch, plan.leftover)
@@ -138,13 +139,8 @@ def describe(loss_fn: LossFn, params: PyTree, batch: PyTree) -> list[tuple[str, 
 
 
 def _fallbacks(branches: list[tuple[str, str]]) -> list[str]:
-    return [
-        f"{name} ({how})" for name, how in branches if how.endswith((rules.PER_LAYER_VMAP, WHOLE_MODEL_VMAP))
-    ]
-
-
-def _fast_layers(branches: list[tuple[str, str]]) -> int:
-    return len(branches) - len(_fallbacks(branches))
+    slow = (rules.PER_LAYER_VMAP, WHOLE_MODEL_VMAP)
+    return [f"{name} ({how})" for name, how in branches if how.endswith(slow)]
 
 
 def _make_logger() -> Callable[[int, str, str], None]:
@@ -197,13 +193,17 @@ def clipped_grad(
         except Exception as err:  # noqa: BLE001 (auto falls back on any tracing failure)
             if method == "fast":
                 raise
-            log_once(logging.WARNING, "clipping method 'auto': vmap path (layers not traceable: %s)", err)
+            log_once(logging.WARNING, "clipping method 'auto': vmap path (%s)", err)
             return vmap_chunk(params, batch, mask)
-        summed, norms, branches = fast_clip_and_sum(loss_fn, plan, params, batch, mask, l2_clip_norm)
+        if method == "auto" and all(rules.kind(x) == rules.PER_LAYER_VMAP for x in plan.layers):
+            log_once(
+                logging.WARNING, "clipping method 'auto': vmap path (no layer has a fast rule)"
+            )
+            return vmap_chunk(params, batch, mask)
+        summed, norms, branches = fast_clip_and_sum(
+            loss_fn, plan, params, batch, mask, l2_clip_norm
+        )
         fallbacks = _fallbacks(branches)
-        if method == "auto" and _fast_layers(branches) == 0:
-            log_once(logging.WARNING, "clipping method 'auto': vmap path (no layer has a fast rule)")
-            return vmap_chunk(params, batch, mask)
         log_once(
             logging.WARNING if fallbacks else logging.INFO,
             "clipping method %r: fast path (ghost norms + book-keeping, no second backward pass); "

@@ -179,9 +179,7 @@ def _dense_terms(layer: Layer, captured: list[Captured], leaves) -> Terms:
     d_out = math.prod(out_shape)
     a = _stack_positions([c.arrays[0].astype(kernel.dtype) for c in captured], kernel.size // d_out)
     g = _stack_positions([c.out_grad.astype(kernel.dtype) for c in captured], d_out)
-    return _linear_terms(
-        a, g, "bias" in layer.leaves, lambda m: m.reshape(kernel.shape), out_shape
-    )
+    return _linear_terms(a, g, "bias" in layer.leaves, lambda m: m.reshape(kernel.shape), out_shape)
 
 
 def _out_rank(layer: Layer) -> int:
@@ -198,15 +196,17 @@ def conv_patches(conv: nn.Conv, x: jax.Array) -> jax.Array:
     features are ordered ``(C, *kernel_size)``.
     """
     rank = _kernel_rank(conv)
-    kernel_size = (conv.kernel_size,) * rank if isinstance(conv.kernel_size, int) else tuple(
-        conv.kernel_size
+    kernel_size = (
+        (conv.kernel_size,) * rank if isinstance(conv.kernel_size, int) else tuple(conv.kernel_size)
     )
 
     def broadcast(v):
         v = 1 if v is None else v
         return (v,) * rank if isinstance(v, int) else tuple(v)
 
-    strides, in_dil, k_dil = map(broadcast, (conv.strides, conv.input_dilation, conv.kernel_dilation))
+    strides, in_dil, k_dil = map(
+        broadcast, (conv.strides, conv.input_dilation, conv.kernel_dilation)
+    )
     padding = canonicalize_padding(conv.padding, rank)
     if padding in ("CIRCULAR", "REFLECT"):
         dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, k_dil, strict=True)]
@@ -332,7 +332,7 @@ def _module_terms(layer: Layer, captured: list[Captured], leaves) -> Terms:
     per_example = None
     for call, cap in zip(layer.calls, captured, strict=True):
         grads = _call_grads(call, cap, own)
-        per_example = grads if per_example is None else jax.tree_util.tree_map(
-            jnp.add, per_example, grads
+        per_example = (
+            grads if per_example is None else jax.tree_util.tree_map(jnp.add, per_example, grads)
         )
     return _materialized(per_example, PER_LAYER_VMAP)
