@@ -108,14 +108,17 @@ def fast_clip_and_sum(
         factor = clip_factors(jnp.sqrt(sq), mask, bound) * row_ok
         leaf_factor.update({i: factor for i in members})
 
-    summed: list[jax.Array | None] = [None] * len(leaves)
-    for layer, weighted_sum in weighers:
-        factors = {n: leaf_factor[i] for n, i in layer.leaves.items()}
-        for n, value in weighted_sum(factors, row_ok).items():
-            summed[layer.leaves[n]] = value
-    for i, g in leftover.items():
-        summed[i] = rules._weigh(g, leaf_factor[i], row_ok)
-    summed = [s.astype(leaf.dtype) for s, leaf in zip(summed, leaves, strict=True)]
+    def weighted_sums(row_ok):
+        summed: list[jax.Array | None] = [None] * len(leaves)
+        for layer, weighted_sum in weighers:
+            factors = {n: leaf_factor[i] for n, i in layer.leaves.items()}
+            for n, value in weighted_sum(factors, row_ok).items():
+                summed[layer.leaves[n]] = value
+        for i, g in leftover.items():
+            summed[i] = rules._weigh(g, leaf_factor[i], row_ok)
+        return [s.astype(leaf.dtype) for s, leaf in zip(summed, leaves, strict=True)]
+
+    summed = weighted_sums(row_ok)
     return jax.tree_util.tree_unflatten(treedef, summed), norms, branches
 
 

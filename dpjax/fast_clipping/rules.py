@@ -7,7 +7,7 @@ example's gradient of the leaf ``name``, and ``weighted_sum(factors, row_ok)``,
 ``sum_i factors[name]_i * g_i[name]`` computed by book-keeping (from ``A``, ``G``
 or the layer's per-example gradients, with no further backward pass). Rows with
 ``row_ok = False`` are zeroed before they are weighted, so a non-finite row
-cannot turn the sum into ``0 * NaN``.
+cannot turn the sum into ``0 * NaN``; ``row_ok=None`` says every row is finite.
 
 Linear layers (Dense, DenseGeneral, Conv through patches) with ``T`` positions
 per example (tokens, pixels; several calls of one layer are stacked along T):
@@ -50,11 +50,14 @@ def use_ghost(positions: int, d_in: int, d_out: int) -> bool:
     return 2 * positions * positions < d_in * d_out
 
 
-def _rows(x: jax.Array, row_ok: jax.Array) -> jax.Array:
+def _rows(x: jax.Array, row_ok: jax.Array | None) -> jax.Array:
+    """``x`` with the rows where ``row_ok`` is False set to 0 (``None``: all rows are fine)."""
+    if row_ok is None:
+        return x
     return jnp.where(row_ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
 
 
-def _weigh(per_example: jax.Array, factor: jax.Array, row_ok: jax.Array) -> jax.Array:
+def _weigh(per_example: jax.Array, factor: jax.Array, row_ok: jax.Array | None) -> jax.Array:
     return jnp.tensordot(factor.astype(per_example.dtype), _rows(per_example, row_ok), axes=1)
 
 
