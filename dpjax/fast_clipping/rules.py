@@ -20,6 +20,7 @@ per example (tokens, pixels; several calls of one layer are stacked along T):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 
@@ -219,6 +220,8 @@ def conv_patches(conv: nn.Conv, x: jax.Array) -> jax.Array:
     elif padding == "CAUSAL":
         x = jnp.pad(x, [(0, 0), (k_dil[0] * (kernel_size[0] - 1), 0), (0, 0)])
         padding = "VALID"
+    if all(d == 1 for d in in_dil):
+        return _sliced_patches(x, kernel_size, strides, padding, k_dil)
     spatial = tuple(range(1, rank + 1))
     numbers = jax.lax.ConvDimensionNumbers(
         lhs_spec=(0, rank + 1) + spatial,
@@ -235,6 +238,28 @@ def conv_patches(conv: nn.Conv, x: jax.Array) -> jax.Array:
         dimension_numbers=numbers,
         precision=jax.lax.Precision.HIGHEST,
     )
+
+
+def _sliced_patches(x, kernel_size, strides, padding, k_dil) -> jax.Array:
+    """Patches by strided slicing (a copy), cheaper on CPU than the one-hot convolution."""
+    rank = len(kernel_size)
+    spatial = x.shape[1:-1]
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, k_dil, strict=True)]
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(spatial, dilated, strides, padding)
+    x = jnp.pad(x, [(0, 0), *padding, (0, 0)])
+    out = [
+        (n + lo + hi - k) // s + 1
+        for n, (lo, hi), k, s in zip(spatial, padding, dilated, strides, strict=True)
+    ]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        start = [0] + [o * d for o, d in zip(offset, k_dil, strict=True)] + [0]
+        limit = [x.shape[0]]
+        limit += [st + (m - 1) * s + 1 for st, m, s in zip(start[1:-1], out, strides, strict=True)]
+        slices.append(jax.lax.slice(x, start, limit + [x.shape[-1]], [1, *strides, 1]))
+    stacked = jnp.stack(slices, axis=-1)  # [B, *out, C, prod(kernel_size)]
+    return stacked.reshape(stacked.shape[: rank + 1] + (-1,))
 
 
 def _conv_terms(layer: Layer, captured: list[Captured], leaves) -> Terms:
