@@ -164,3 +164,22 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path, stra
     proc = _run(run_dir, "dp.noise_multiplier=2.0", check=False)
     assert proc.returncode != 0
     assert "dp.noise_multiplier (checkpoint 1.0, this run 2.0)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_two_job_submitit_sweep_completes_and_a_relaunch_resumes_each_run_once(tmp_path):
+    from dpjax.report import collect
+
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "dpjax.cli", "-m", "hydra/launcher=local_submitit",
+               *CONFIG[:4], "train.steps=10", "train.eval_every=5", "train.log_every=5",
+               "train.seed=0,1", f"hydra.sweep.dir={sweep}"]
+    for launch in range(2):  # the second launch finds both runs' final checkpoints
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env=_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = collect(sweep)
+        assert sorted(r["run"] for r in rows) == ["0", "1"], (launch, rows)
+        assert all(r["status"] == "completed" and r["steps"] == 10 for r in rows)
+        assert [r["resumed_from"] for r in rows] == ([[10], [10]] if launch else [[], []])
+    assert not list(sweep.rglob("checkpoints/**/summary.json"))
