@@ -175,22 +175,61 @@ def test_a_device_count_larger_than_present_is_refused():
     assert distributed.select_devices("all") == jax.devices()
 
 
-def test_training_on_2_devices_from_the_command_line_matches_1_device(tmp_path):
+COMMON = ["dataset=digits", "model=mlp", "model.options.hidden=[16]", "train.batch_size=64",
+          "train.steps=6", "train.eval_every=3", "train.log_every=3"]
+
+
+def _cli(run_dir, *overrides, env):
+    return subprocess.Popen([sys.executable, "-m", "dpjax.cli", *COMMON, *overrides,
+                             f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=run_dir.parent)
+
+
+def _finish(procs):
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_devices(tmp_path_factory):
+    root = tmp_path_factory.mktemp("devices")
+    for n in (1, 2):
+        _finish([_cli(root / f"d{n}", env=_env(n))])
+    return {n: json.loads((root / f"d{n}" / "summary.json").read_text()) for n in (1, 2)}
+
+
+def test_training_on_2_devices_from_the_command_line_matches_1_device(one_and_two_devices):
     """The whole loop sharded (placement, eval, checkpoint of sharded arrays): after 6
     steps the summary equals the one-device run's up to float summation order."""
-    common = [sys.executable, "-m", "dpjax.cli", "dataset=digits", "model=mlp",
-              "model.options.hidden=[16]", "train.batch_size=64", "train.steps=6",
-              "train.eval_every=3", "train.log_every=3"]
-    summaries = {}
-    for n in (1, 2):
-        run_dir = tmp_path / f"d{n}"
-        proc = subprocess.run([*common, f"hydra.run.dir={run_dir}"], capture_output=True,
-                              text=True, timeout=300, env=_env(n), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        summaries[n] = json.loads((run_dir / "summary.json").read_text())
-    assert summaries[1]["num_devices"] == 1 and summaries[2]["num_devices"] == 2
-    assert summaries[2]["epsilon"] == summaries[1]["epsilon"]
-    assert summaries[2]["test_loss"] == pytest.approx(summaries[1]["test_loss"], rel=1e-4)
+    one, two = one_and_two_devices[1], one_and_two_devices[2]
+    assert one["num_devices"] == 1 and two["num_devices"] == 2
+    assert two["epsilon"] == one["epsilon"]
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_match_one_process(one_and_two_devices, tmp_path):
+    """``train.distributed=true`` in 2 processes of 1 CPU device each, found through
+    Slurm's variables as under ``srun``: each loads its half of every batch, only
+    process 0 writes the outputs, and the result is the 2-device run's."""
+    run_dir = tmp_path / "run"
+    job_id = str(40000 + os.getpid() % 20000)  # JAX derives the coordinator port from it
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(1), "SLURM_JOB_ID": job_id, "SLURM_NTASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               "SLURM_STEP_NODELIST": "localhost", "SLURM_NODELIST": "localhost"}
+        procs.append(_cli(run_dir, "train.distributed=true", env=env))
+    _finish(procs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["num_devices"] == 2
+    assert summary["epsilon"] == one_and_two_devices[2]["epsilon"]
+    assert summary["test_loss"] == pytest.approx(one_and_two_devices[2]["test_loss"], rel=1e-5)
+    steps = [json.loads(line)["step"] for line in
+             (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]
+    assert (run_dir / "checkpoints" / "6").is_dir()
 
 
 if __name__ == "__main__":
