@@ -6,6 +6,11 @@ ConfigStore as ``run_schema``; YAML groups live in the repository's
 directory. A run that fails still leaves a ``summary.json`` with
 ``status: "failed"`` and the error, so a sweep's other runs and its report
 are not lost.
+
+A run started in an output directory that holds a checkpoint resumes from it
+(see ``docs/cluster.md``). On SIGTERM or SIGUSR2 the run saves a checkpoint at
+the next step boundary and exits with code 128 + the signal number (143 for
+SIGTERM, 140 for SIGUSR2) without writing a summary.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -23,9 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpjax.config import RunConfig, check_known_keys
 from dpjax.loop import run_training
+from dpjax.preemption import Preempted
 
 log = logging.getLogger("dpjax")
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
+logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
 
 CONFIG_DIR = os.environ.get(
     "DPJAX_CONFIG_DIR", str(Path(__file__).resolve().parent.parent / "configs")
@@ -65,6 +73,11 @@ def main(cfg: DictConfig) -> float:
         check_known_keys(OmegaConf.to_container(cfg))
         run_cfg: RunConfig = OmegaConf.to_object(cfg)
         summary = run_training(run_cfg, out_dir)
+    except Preempted as stop:
+        # not a failure: no failed summary.json, so the resumed run writes the only one
+        log.warning("%s", stop)
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     except Exception as err:
         _record_failure(out_dir, cfg, err)
         raise

@@ -82,6 +82,7 @@ class TrainConfig:
     eval_batch_size: int = 2048
     distributed: bool = False
     checkpoint_every: int | None = None
+    devices: str = "all"
 
 
 @dataclasses.dataclass
@@ -146,6 +147,8 @@ def validate(
     _check_positive("train.eval_batch_size", t.eval_batch_size, integer=True)
     _check_positive("train.checkpoint_every", t.checkpoint_every, allow_none=True, integer=True)
     _check_choice("train.eval_split", t.eval_split, EVAL_SPLITS)
+    if str(t.devices) != "all" and not (str(t.devices).isdigit() and int(t.devices) >= 1):
+        _fail("train.devices", t.devices, "to be 'all' or a positive integer")
     if not (_finite(t.validation_fraction) and 0 < t.validation_fraction < 1):
         _fail("train.validation_fraction", t.validation_fraction, "in (0, 1)")
     if isinstance(t.seed, bool) or not isinstance(t.seed, int) or t.seed < 0:

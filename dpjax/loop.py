@@ -3,7 +3,9 @@
 ``run_training(cfg, out_dir)`` is the whole job behind ``dpjax-train``; it takes
 plain dataclasses (``dpjax.config.RunConfig``), no Hydra objects. It writes
 ``metrics.jsonl`` (one JSON object per logged step) and ``summary.json`` into
-``out_dir``.
+``out_dir``, and checkpoints into ``out_dir/checkpoints`` (:mod:`dpjax.checkpoint`);
+a run started where a checkpoint exists resumes from it. With more than one
+device the step is data-parallel (:mod:`dpjax.distributed`).
 
 Note: the training loss and realized batch size logged to ``metrics.jsonl``
 are computed from private data without noise. They are for debugging; only
@@ -26,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import accounting
+from dpjax import accounting, checkpoint, distributed, preemption, resume
 from dpjax.clipping import per_layer_clip_norms
-from dpjax.config import RunConfig, check_against_dataset, validate
+from dpjax.config import ConfigError, RunConfig, check_against_dataset, validate
 from dpjax.models import MODELS, check_no_batch_mixing, get_model
-from dpjax.sampling import FixedSizeSampler, PoissonSampler, default_physical_batch_size
+from dpjax.sampling import FixedSizeSampler, PoissonSampler
 from dpjax.train import (
+    DPStep,
     TrainState,
     cross_entropy_loss,
     init_state,
@@ -162,63 +165,125 @@ def load_data(cfg: RunConfig):
     return load_dataset(cfg.dataset.name, **options)
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything the step loop reads; fixed before the first step."""
+
+    cfg: RunConfig
+    plan: Plan
+    sampler: Any
+    step_fn: DPStep
+    x_train: np.ndarray
+    y_train: np.ndarray
+    holdout: tuple[np.ndarray, np.ndarray]  # evaluated during training (test or validation)
+    test_split: tuple[np.ndarray, np.ndarray]
+    evaluate: Any
+    loss_fn: Any
+    mesh: Any  # jax.sharding.Mesh, or None on one device (the unsharded path)
+    checkpointer: checkpoint.Checkpointer
+
+
 def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Trains as configured; writes ``metrics.jsonl`` and ``summary.json``; returns the summary."""
+    """Trains as configured; writes ``metrics.jsonl`` and ``summary.json``; returns the summary.
+
+    Resumes from the latest checkpoint in ``out_dir/checkpoints`` when there is
+    one (bit-exactly: same parameters, optimizer state and epsilon as a run that
+    was never interrupted); refuses one it cannot read or that another config
+    wrote. Saves a checkpoint every ``train.checkpoint_every`` steps, at the end,
+    and on SIGTERM/SIGUSR2, after which it raises :class:`dpjax.preemption.Preempted`.
+    """
     from dpjax.data import DATASETS  # noqa: PLC0415
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg, datasets=DATASETS, models=MODELS)
+    distributed.initialize(cfg.train.distributed)  # before anything touches a device
+    out_dir = Path(out_dir)
+    writer = jax.process_index() == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
+    setup, state = _set_up(cfg, out_dir)
+    d, plan = cfg.dp, setup.plan
 
+    progressed = resume.Progressed(accounting.Ledger())
+    restored = setup.checkpointer.restore_latest(state)
+    if restored is not None:
+        state, progressed = restored.state, resume.Progressed.from_meta(restored.meta)
+        resume.check_restored(restored, progressed, d.enabled)
+        progressed.resumed_from.append(restored.step)
+        log.info("resuming from checkpoint step %d in %s", restored.step,
+                 setup.checkpointer.directory)
+
+    to_run = plan.steps if plan.budget_steps is None else min(plan.steps, plan.budget_steps)
+    stopped_reason = "completed" if to_run == plan.steps else "budget"
+    progress = Progress(to_run, cfg.train.log_every)
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics = None
+    if writer:
+        metrics = resume.open_metrics(metrics_path, int(state.step), restored is not None)
+    try:
+        with preemption.stop_on_signals() as stop:
+            state, progressed = _train_steps(setup, state, to_run, progressed, metrics,
+                                             progress, stop, wall_start)
+    finally:
+        if metrics is not None:
+            metrics.close()
+        progress.close()
+    return _finish(setup, state, progressed, stopped_reason, out_dir, writer, wall_start)
+
+
+def _set_up(cfg: RunConfig, out_dir: Path) -> tuple[Setup, TrainState]:
     ds = load_data(cfg)
     (x_train, y_train), holdout = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
     if cfg.train.eval_split == "validation":
         (x_train, y_train), holdout = _split_validation(ds, cfg.train.validation_fraction,
                                                         cfg.train.seed)
     plan = plan_run(cfg, len(x_train))
+    devices = distributed.select_devices(cfg.train.devices)
+    mesh = distributed.make_mesh(devices)
+    d = cfg.dp
+    parties = d.num_parties if d.enabled and d.aggregation == "secagg" else 1
+    if parties > 1 and mesh is not None:
+        raise ConfigError(
+            f"Expected train.devices=1 with dp.aggregation='secagg' (got {len(devices)} devices): "
+            "the simulated SecAgg round runs on one device."
+        )
+    physical = distributed.physical_batch_size(d.physical_batch_size, plan.num_train,
+                                               plan.sample_rate, math.lcm(len(devices), parties))
 
     model = get_model(cfg.model.name, ds.num_classes, **cfg.model.options)
     check_no_batch_mixing(model, jnp.asarray(x_train[:1]))
     params = model.init(jax.random.PRNGKey(cfg.train.seed), jnp.asarray(x_train[:1]))["params"]
     optimizer = build_optimizer(cfg.optimizer)
     loss_fn = cross_entropy_loss(model.apply)
-    d = cfg.dp
-    physical = d.physical_batch_size
-    if physical is None and d.aggregation == "secagg":
-        physical = default_physical_batch_size(plan.num_train, plan.sample_rate,
-                                               multiple=math.lcm(8, d.num_parties))
+    if d.enabled and d.sampling == "fixed_size":
+        sampler = FixedSizeSampler(plan.num_train, cfg.train.batch_size, seed=cfg.train.seed)
+    else:
+        sampler = PoissonSampler(plan.num_train, plan.sample_rate, physical, seed=cfg.train.seed)
     if d.enabled:
-        sampler = (
-            PoissonSampler(plan.num_train, plan.sample_rate, physical, seed=cfg.train.seed)
-            if d.sampling == "poisson"
-            else FixedSizeSampler(plan.num_train, cfg.train.batch_size, seed=cfg.train.seed)
-        )
         step_fn = _dp_step(cfg, loss_fn, optimizer, plan, params, sampler.physical_batch_size)
     else:
-        sampler = PoissonSampler(plan.num_train, plan.sample_rate, d.physical_batch_size,
-                                 seed=cfg.train.seed)
         step_fn = make_nonprivate_step(loss_fn, optimizer)
     state = init_state(params, optimizer, cfg.train.seed)
-    evaluate = make_evaluator(model.apply, cfg.train.eval_batch_size)
+    if mesh is not None:
+        step_fn = distributed.shard_step(step_fn, mesh)
+        state = distributed.replicate(state, mesh)
+    run_fingerprint = checkpoint.fingerprint(
+        cfg, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+        num_train=plan.num_train,
+    )
+    checkpointer = checkpoint.Checkpointer(out_dir / checkpoint.CHECKPOINT_DIR, run_fingerprint)
+    setup = Setup(cfg, plan, sampler, step_fn, x_train, y_train, holdout, (ds.x_test, ds.y_test),
+                  make_evaluator(model.apply, cfg.train.eval_batch_size), loss_fn, mesh,
+                  checkpointer)
+    return setup, state
 
-    to_run = plan.steps if plan.budget_steps is None else min(plan.steps, plan.budget_steps)
-    stopped_reason = "completed" if to_run == plan.steps else "budget"
-    ledger = accounting.Ledger()
-    num_nonfinite = 0
-    progress = Progress(to_run, cfg.train.log_every)
-    metrics_path = out_dir / "metrics.jsonl"
-    last_eval: dict[str, float] = {}
-    with metrics_path.open("w") as metrics:
-        state, ledger, num_nonfinite, last_eval = _train_steps(
-            cfg, plan, sampler, step_fn, state, to_run, x_train, y_train, holdout, evaluate,
-            loss_fn, ledger, metrics, progress,
-        )
-    progress.close()
 
-    test = evaluate(state.params, ds.x_test, ds.y_test)
-    steps_taken = int(state.step)
-    eps = ledger.epsilon(d.delta, d.accountant) if d.enabled else None
+def _finish(setup: Setup, state, progressed: resume.Progressed, stopped_reason, out_dir, writer,
+            wall_start) -> dict[str, Any]:
+    cfg, plan, d = setup.cfg, setup.plan, setup.cfg.dp
+    test = setup.evaluate(distributed.local_copy(state.params) if setup.mesh else state.params,
+                          *setup.test_split)
+    eps = progressed.ledger.epsilon(d.delta, d.accountant) if d.enabled else None
     summary = {
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
@@ -234,7 +299,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         "sample_rate": plan.sample_rate,
         "expected_batch_size": plan.expected_batch_size,
         "num_train": plan.num_train,
-        "steps": steps_taken,
+        "steps": int(state.step),
         "planned_steps": plan.steps,
         "accountant": d.accountant if d.enabled else None,
         "sampling": d.sampling if d.enabled else "poisson",
@@ -244,14 +309,19 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "eval_split": cfg.train.eval_split,
-        "final_eval": last_eval,
-        "num_nonfinite": num_nonfinite,
+        "final_eval": progressed.last_eval,
+        "num_nonfinite": progressed.num_nonfinite,
         "stopped_reason": stopped_reason,
         "seed": cfg.train.seed,
-        "wall_time_s": time.perf_counter() - wall_start,
+        "num_devices": 1 if setup.mesh is None else setup.mesh.size,
+        "num_processes": jax.process_count(),
+        "resumed_from": progressed.resumed_from,
+        "wall_time_s": progressed.wall_time_s + time.perf_counter() - wall_start,
         "status": "completed",
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    setup.checkpointer.close()
+    if writer:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -281,18 +351,29 @@ def _dp_step(cfg: RunConfig, loss_fn, optimizer, plan: Plan, params, physical: i
     )
 
 
-def _train_steps(cfg, plan, sampler, step_fn, state: TrainState, to_run, x_train, y_train,
-                 holdout, evaluate, loss_fn, ledger, metrics, progress):
+def _train_steps(setup: Setup, state: TrainState, to_run: int, progressed: resume.Progressed,
+                 metrics, progress, stop, wall_start):
+    cfg, plan = setup.cfg, setup.plan
     d, t = cfg.dp, cfg.train
     n_kw = {"num_examples": plan.num_train} if d.sampling == "fixed_size" else {}
-    eval_x, eval_y = holdout
+    eval_x, eval_y = setup.holdout
+    loss_fn = setup.loss_fn
     batch_loss = jax.jit(lambda p, b, m: jnp.sum(loss_fn(p, b) * m) / jnp.maximum(jnp.sum(m), 1))
+    carried = progressed.num_nonfinite
     nonfinite = jnp.zeros((), jnp.int32)  # summed on device: no host sync per step
-    last_eval: dict[str, float] = {}
+    ledger, last_eval = progressed.ledger, progressed.last_eval
+
+    def snapshot() -> resume.Progressed:
+        return dataclasses.replace(
+            progressed, ledger=ledger, num_nonfinite=carried + int(nonfinite),
+            last_eval=last_eval,
+            wall_time_s=progressed.wall_time_s + time.perf_counter() - wall_start)
+
+    last_saved = int(state.step) if progressed.resumed_from else None
     for step in range(int(state.step), to_run):
-        chunks = [((x_train[c.indices], y_train[c.indices]), c.mask)
-                  for c in sampler.sample(step)]
-        state, stats = step_fn.run(state, chunks)
+        chunks = distributed.place_chunks(setup.sampler.sample(step), setup.x_train,
+                                          setup.y_train, setup.mesh)
+        state, stats = setup.step_fn.run(state, chunks)
         nonfinite = nonfinite + stats.num_nonfinite
         if d.enabled:
             ledger = ledger.record(plan.noise_multiplier, plan.sample_rate, 1, d.sampling,
@@ -310,12 +391,23 @@ def _train_steps(cfg, plan, sampler, step_fn, state: TrainState, to_run, x_train
                 record["clipped_fraction"] = float(stats.clipped_fraction)
                 record["mean_grad_norm"] = float(stats.mean_grad_norm)
             if is_eval:
-                last_eval = evaluate(state.params, eval_x, eval_y)
+                params = distributed.local_copy(state.params) if setup.mesh else state.params
+                last_eval = setup.evaluate(params, eval_x, eval_y)
                 record[f"{t.eval_split}_accuracy"] = last_eval["accuracy"]
                 record[f"{t.eval_split}_loss"] = last_eval["loss"]
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             shown = {k: v for k, v in record.items() if k in
                      ("loss", "epsilon", f"{t.eval_split}_accuracy")}
             progress.update(done, shown)
-    return state, ledger, int(nonfinite), last_eval
+        stopping = stop.requested()
+        periodic = t.checkpoint_every is not None and done % t.checkpoint_every == 0
+        if stopping or periodic or done == to_run:
+            last_saved = setup.checkpointer.save(state, snapshot().to_meta())
+        if stopping:
+            stop.forward()
+            raise preemption.Preempted(stop.signum, done, str(setup.checkpointer.directory))
+    if last_saved != int(state.step):  # e.g. a run with nothing left to do after a resume
+        setup.checkpointer.save(state, snapshot().to_meta())
+    return state, dataclasses.replace(snapshot(), wall_time_s=progressed.wall_time_s)

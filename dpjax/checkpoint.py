@@ -1,0 +1,198 @@
+"""Checkpoints of a training run with orbax-checkpoint, for a bit-exact resume.
+
+A checkpoint is one orbax step directory ``<run dir>/checkpoints/<step>/`` with
+two items, neither of them a pickle:
+
+- ``state``: the whole :class:`dpjax.train.TrainState` (params, optimizer
+  state, step, base PRNG key), written by orbax's ``StandardSave``.
+- ``meta``: JSON: the format version, the accountant's ledger
+  (:meth:`dpjax.accounting.Ledger.to_dict`), the run's fingerprint (the config
+  values that decide the trajectory), the state's leaf paths, shapes and
+  dtypes, and the loop's host-side counters.
+
+Nothing else needs saving: the sampler is a pure function of ``(seed, step)``
+and the step is in the state; the noise key of step ``t`` is
+``fold_in(key, t)``; there is no other randomness (no dropout, no shuffling
+state). Restoring refuses, with a :class:`CheckpointError`, a checkpoint that
+cannot be read or that another config wrote; it never falls back to a fresh
+start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+MAX_TO_KEEP = 2
+
+# Keys that change logging, evaluation or placement but not a single parameter bit
+# (the device count changes the summation order, see docs/cluster.md).
+UNFINGERPRINTED = frozenset({
+    "name", "train.eval_every", "train.log_every", "train.eval_batch_size",
+    "train.checkpoint_every", "train.distributed", "train.devices",
+})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or belongs to another config; the run did not start."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def fingerprint(config: Any, **resolved: Any) -> dict[str, Any]:
+    """The config values (dataclass, flattened to ``"dp.noise_multiplier"`` keys) that a
+    resumed run must share, plus ``resolved`` values computed from them (e.g. a
+    calibrated noise multiplier). JSON-normalized, so it compares equal after a round trip."""
+    flat = _flatten(dataclasses.asdict(config))
+    flat = {k: v for k, v in flat.items() if k not in UNFINGERPRINTED}
+    flat.update({f"resolved.{k}": v for k, v in resolved.items()})
+    return json.loads(json.dumps(flat, sort_keys=True))
+
+
+def tree_signature(tree: Any) -> list[list[Any]]:
+    """``[path, shape, dtype]`` of every leaf: what a restore target must match."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return [[jax.tree_util.keystr(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    missing = object()
+    return [
+        f"{k} (checkpoint {saved.get(k, '<absent>')!r}, this run {current.get(k, '<absent>')!r})"
+        for k in keys
+        if not _same(saved.get(k, missing), current.get(k, missing))
+    ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A restored state and the JSON metadata saved with it."""
+
+    step: int
+    state: Any
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and restores ``(TrainState, metadata)`` under one directory.
+
+    All processes of a multi-process run call :meth:`save` and
+    :meth:`restore_latest` together (orbax coordinates them); saves are
+    synchronous, so a checkpoint that :meth:`latest_step` lists is complete.
+    """
+
+    def __init__(self, directory: str | Path, run_fingerprint: dict[str, Any]):
+        self.directory = Path(directory).absolute()
+        self.fingerprint = run_fingerprint
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=MAX_TO_KEEP, create=True, enable_async_checkpointing=False
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as err:
+            raise CheckpointError(
+                f"Expected {self.directory} to be a readable checkpoint directory: {err}"
+            ) from err
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, state: Any, meta: dict[str, Any]) -> int:
+        """Writes a checkpoint at ``state.step``; returns that step."""
+        step = int(state.step)
+        full_meta = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "fingerprint": self.fingerprint,
+            "tree": tree_signature(state),
+        }
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(full_meta)
+            ),
+        )
+        self._manager.wait_until_finished()
+        return step
+
+    def restore_latest(self, template: Any) -> Restored | None:
+        """The latest checkpoint, restored onto ``template``'s shapes, dtypes and shardings.
+
+        Returns ``None`` when the directory holds no checkpoint. Raises
+        :class:`CheckpointError` when the latest one is unreadable, was written by
+        another format, by a config with a different fingerprint, or for a state
+        of another structure.
+        """
+        step = self.latest_step()
+        if step is None:
+            return None
+        where = f"checkpoint step {step} in {self.directory}"
+        advice = ("The run was not started fresh: resume with the config that wrote it, or "
+                  "point hydra.run.dir at a new directory.")
+        meta = self._read(step, where, advice, meta_only=True).meta
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"Expected format_version={FORMAT_VERSION} in {where}; "
+                f"found {meta.get('format_version')!r}. {advice}"
+            )
+        diff = _differences(meta.get("fingerprint", {}), self.fingerprint)
+        if diff:
+            raise CheckpointError(
+                f"Expected {where} to come from this run's config; it differs in "
+                f"{'; '.join(diff)}. {advice}"
+            )
+        if meta.get("tree") != tree_signature(template):
+            raise CheckpointError(
+                f"Expected {where} to hold a state with this model's parameter and optimizer "
+                f"tree (paths, shapes, dtypes); it holds another. {advice}"
+            )
+        return self._read(step, where, advice, template=template)
+
+    def _read(self, step, where, advice, *, template=None, meta_only=False) -> Restored:
+        if meta_only:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        else:
+            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            )
+        try:
+            restored = self._manager.restore(step, args=args)
+            meta = restored.meta
+            if not isinstance(meta, dict):
+                raise ValueError(f"metadata is {type(meta).__name__}, not a JSON object")
+        except Exception as err:
+            raise CheckpointError(
+                f"Expected a readable {where}; reading it failed with "
+                f"{type(err).__name__}: {err}. {advice}"
+            ) from err
+        return Restored(step, None if meta_only else restored.state, meta)
+
+    def close(self) -> None:
+        self._manager.close()

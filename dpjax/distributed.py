@@ -1,0 +1,172 @@
+"""Data-parallel DP-SGD over devices and processes, with ``jax.sharding``.
+
+The physical batch is sharded along its leading axis over a one-axis
+:class:`jax.sharding.Mesh` (axis ``"batch"``); the state is replicated. The
+jitted step is the single-device step re-jitted with these in/out shardings,
+so XLA partitions whatever clipping function it contains (vmap or fast): each
+device clips its own rows, the per-device clipped sums are added by an
+all-reduce, and the noise, drawn from the replicated key of the step, is the
+same on every device. The update equals the single-device update up to the
+summation order of floats.
+
+Several processes (``train.distributed=true``, one per GPU under Slurm) see
+one global mesh; each gathers only its slice of every chunk's rows and
+contributes it with :func:`jax.make_array_from_process_local_data`.
+
+With one device nothing here is used: the step runs exactly as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpjax.config import ConfigError
+from dpjax.sampling import Chunk, default_physical_batch_size
+from dpjax.train import DPStep
+
+log = logging.getLogger("dpjax")
+BATCH_AXIS = "batch"
+PHYSICAL_MULTIPLE = 8  # the sampler's default rounding
+
+
+def initialize(distributed: bool) -> None:
+    """``jax.distributed.initialize()`` (Slurm and other clusters auto-detected) when
+    ``distributed``; must run before anything touches a device."""
+    if distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+        log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
+def select_devices(spec: str | int) -> list[jax.Device]:
+    """The devices of ``train.devices``: ``"all"`` or a positive count (the first ones)."""
+    available = jax.devices()
+    if str(spec) == "all":
+        return available
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= len(available):
+        raise ConfigError(
+            f"Expected train.devices={spec!r} to be 'all' or an integer in "
+            f"[1, {len(available)}] (the devices present)."
+        )
+    if jax.process_count() > 1 and n != len(available):
+        raise ConfigError(
+            f"Expected train.devices={spec!r} to be 'all' with {jax.process_count()} processes."
+        )
+    return available[:n]
+
+
+def make_mesh(devices: list[jax.Device]) -> Mesh | None:
+    """A one-axis batch mesh, or ``None`` for a single device (the unsharded path)."""
+    if len(devices) == 1:
+        return None
+    return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def physical_batch_size(
+    explicit: int | None, num_examples: int, sample_rate: float, num_devices: int
+) -> int:
+    """The Poisson sampler's chunk size: the user's ``dp.physical_batch_size``, which
+    must divide evenly over the devices, or the default rounded up to a multiple of
+    ``lcm(8, num_devices)``. ``num_devices`` may be any number of equal slices the
+    chunk must split into (devices, or SecAgg parties)."""
+    if explicit is not None:
+        if explicit % num_devices:
+            raise ConfigError(
+                f"Expected dp.physical_batch_size={explicit} to be a multiple of {num_devices}: "
+                "every device (and SecAgg party) takes an equal slice of the physical "
+                "batch (set train.devices, or leave dp.physical_batch_size=null)."
+            )
+        return explicit
+    multiple = math.lcm(PHYSICAL_MULTIPLE, num_devices)
+    return default_physical_batch_size(num_examples, sample_rate, multiple)
+
+
+def pad_chunk(chunk: Chunk, multiple: int) -> Chunk:
+    """``chunk`` padded with masked rows (index 0, mask 0) to a multiple of ``multiple``."""
+    extra = -len(chunk.indices) % multiple
+    if not extra:
+        return chunk
+    return Chunk(np.concatenate([chunk.indices, np.zeros(extra, chunk.indices.dtype)]),
+                 np.concatenate([chunk.mask, np.zeros(extra, chunk.mask.dtype)]))
+
+
+def process_rows(chunk: Chunk) -> Chunk:
+    """This process's contiguous slice of a chunk's rows (all rows with one process)."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return chunk
+    rows = len(chunk.indices) // n
+    part = slice(i * rows, (i + 1) * rows)
+    return Chunk(chunk.indices[part], chunk.mask[part])
+
+
+def global_batch(local_tree, mesh: Mesh, global_rows: int):
+    """Process-local rows -> global arrays sharded along the batch axis."""
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+
+    return jax.tree_util.tree_map(put, local_tree)
+
+
+def place_chunks(chunks: list[Chunk], x: np.ndarray, y: np.ndarray, mesh: Mesh | None):
+    """The ``((x, y), mask)`` batches of a step's chunks: numpy on one device (the
+    unsharded path); on a mesh, global arrays sharded by rows, each chunk padded to a
+    multiple of the device count and each process gathering only its own rows."""
+    if mesh is None:
+        return [((x[c.indices], y[c.indices]), c.mask) for c in chunks]
+    placed = []
+    for c in chunks:
+        c = pad_chunk(c, mesh.size)
+        mine = process_rows(c)
+        placed.append(global_batch(((x[mine.indices], y[mine.indices]), mine.mask), mesh,
+                                   len(c.indices)))
+    return placed
+
+
+def replicate(tree, mesh: Mesh):
+    """Every leaf replicated on every device of the mesh (same value in all processes)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+    )
+
+
+def local_copy(tree):
+    """A replicated global tree as arrays on one local device (for host-side evaluation)."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
+
+
+def shard_step(dp_step: DPStep, mesh: Mesh) -> DPStep:
+    """``dp_step`` re-jitted with the batch sharded and the state replicated.
+
+    Agnostic to the clipping function: the shardings only say where rows and
+    parameters live, and XLA partitions the computation (the row sum becomes
+    an all-reduce). The state is still donated.
+    """
+    rep = NamedSharding(mesh, PartitionSpec())
+    rows = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    return dataclasses.replace(
+        dp_step,
+        step=jax.jit(dp_step.step, in_shardings=(rep, rows, rows), out_shardings=(rep, rep),
+                     donate_argnums=0),
+        clipped_sum=jax.jit(dp_step.clipped_sum, in_shardings=(rep, rows, rows),
+                            out_shardings=(rep, rep)),
+        apply=jax.jit(dp_step.apply, in_shardings=(rep, rep), out_shardings=rep,
+                      donate_argnums=0),
+    )

@@ -1,0 +1,236 @@
+"""Data-parallel DP-SGD: the sharded step equals the single-device step.
+
+The pytest process has already started JAX with one CPU device, so the
+comparisons on 8 devices run this file as a script in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; it prints one JSON
+line of results.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUM_DEVICES = 8
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _env(num_devices):
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+            "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+# ---- the subprocess: runs with 8 host devices ------------------------------------------
+
+def _compare_sharded_and_single(clipping_method, sampler, optimizer_name, steps=3):
+    import jax
+    import optax
+
+    from dpjax import distributed
+    from dpjax.models import MLP
+    from dpjax.train import cross_entropy_loss, init_state, make_dp_step
+
+    rng = np.random.RandomState(0)
+    x = rng.randn(sampler.num_examples, 6, 6, 1).astype(np.float32)
+    y = rng.randint(0, 10, sampler.num_examples).astype(np.int32)
+    model = MLP(num_classes=10, hidden=(16,))
+    params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+    opt = optax.adam(0.05) if optimizer_name == "adam" else optax.sgd(0.5)
+    dp_step = make_dp_step(cross_entropy_loss(model.apply), opt, noise_multiplier=1.0,
+                           l2_clip_norm=0.5, expected_batch_size=sampler.expected_batch_size,
+                           clipping_method=clipping_method)
+    mesh = distributed.make_mesh(jax.devices())
+    sharded_step = distributed.shard_step(dp_step, mesh)
+    single = init_state(params, opt, seed=7)
+    sharded = distributed.replicate(init_state(params, opt, seed=7), mesh)
+    num_chunks, padded_rows = [], 0
+    for t in range(steps):
+        chunks = sampler.sample(t)
+        num_chunks.append(len(chunks))
+        single, _ = dp_step.run(single, distributed.place_chunks(chunks, x, y, None))
+        placed = distributed.place_chunks(chunks, x, y, mesh)
+        padded_rows += int(sum(np.sum(np.asarray(mask) == 0) for _, mask in placed))
+        batch_spec = placed[0][1].sharding.spec
+        sharded, _ = sharded_step.run(sharded, placed)
+    leaves = zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded),
+                 strict=True)
+    worst = 0.0
+    for a, b in leaves:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        worst = max(worst, float(np.max(np.abs(a - b) / (ATOL + RTOL * np.abs(a)), initial=0)))
+    return {"worst_ratio": worst, "num_chunks": num_chunks, "padded_rows": padded_rows,
+            "batch_spec": list(batch_spec),
+            "replicated": bool(jax.tree_util.tree_leaves(sharded.params)[0]
+                               .sharding.is_fully_replicated),
+            "same_step": int(single.step) == int(sharded.step) == steps}
+
+
+def _script():
+    import importlib.util
+
+    import jax
+
+    from dpjax.sampling import FixedSizeSampler, PoissonSampler
+
+    methods = ["vmap"]
+    if importlib.util.find_spec("dpjax.fast_clipping") is not None:
+        methods.append("fast")
+    cases = {
+        # ~15 rows of a 16-row physical batch: padded rows on most devices
+        "poisson_padded": (PoissonSampler(300, 0.05, 16, seed=1), "sgd"),
+        # physical 8 < batch: several chunks summed before the one noise draw
+        "poisson_chunks": (PoissonSampler(300, 0.05, 8, seed=2), "adam"),
+        # 12 rows padded to 16 = 2 per device
+        "fixed_size": (FixedSizeSampler(300, 12, seed=3), "adam"),
+    }
+    out = {"num_devices": jax.device_count(), "methods": methods}
+    for method in methods:
+        for name, (sampler, opt) in cases.items():
+            out[f"{method}/{name}"] = _compare_sharded_and_single(method, sampler, opt)
+    print(json.dumps(out))
+
+
+# ---- the tests ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
+                          timeout=300, env=_env(NUM_DEVICES), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_subprocess_has_8_devices(eight_devices):
+    assert eight_devices["num_devices"] == NUM_DEVICES
+
+
+@pytest.mark.parametrize("case", ["poisson_padded", "poisson_chunks", "fixed_size"])
+def test_sharded_dp_step_equals_the_single_device_step(eight_devices, case):
+    for method in eight_devices["methods"]:
+        r = eight_devices[f"{method}/{case}"]
+        assert r["same_step"]
+        assert r["batch_spec"] == ["batch"] and r["replicated"]
+        # |single - sharded| <= ATOL + RTOL |single| for every parameter and moment
+        assert r["worst_ratio"] <= 1.0, (method, r)
+
+
+def test_the_cases_exercise_padding_and_several_chunks(eight_devices):
+    assert eight_devices["vmap/poisson_padded"]["padded_rows"] > 0
+    assert max(eight_devices["vmap/poisson_chunks"]["num_chunks"]) > 1
+    assert eight_devices["vmap/fixed_size"]["padded_rows"] == 3 * 4
+
+
+def test_a_physical_size_that_does_not_divide_over_the_devices_is_refused():
+    from dpjax import distributed
+    from dpjax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dp.physical_batch_size=12 .* device count 8"):
+        distributed.physical_batch_size(12, 1000, 0.01, 8)
+    assert distributed.physical_batch_size(16, 1000, 0.01, 8) == 16
+
+
+def test_the_default_physical_size_rounds_up_to_the_device_count():
+    from dpjax import distributed
+    from dpjax.sampling import default_physical_batch_size
+
+    assert distributed.physical_batch_size(None, 1000, 0.05, 1) == default_physical_batch_size(
+        1000, 0.05)
+    for n in (3, 8, 16):
+        size = distributed.physical_batch_size(None, 1000, 0.05, n)
+        assert size % n == 0 and size >= default_physical_batch_size(1000, 0.05)
+
+
+def test_pad_chunk_adds_masked_rows_only():
+    from dpjax import distributed
+    from dpjax.sampling import Chunk
+
+    c = distributed.pad_chunk(Chunk(np.arange(5, dtype=np.int32), np.ones(5, np.float32)), 4)
+    np.testing.assert_array_equal(c.mask, [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(c.indices[:5], np.arange(5))
+
+
+def test_one_device_is_the_unsharded_path():
+    import jax
+
+    from dpjax import distributed
+
+    assert distributed.make_mesh(jax.devices()[:1]) is None
+
+
+def test_a_device_count_larger_than_present_is_refused():
+    import jax
+
+    from dpjax import distributed
+    from dpjax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.devices='99'"):
+        distributed.select_devices("99")
+    assert distributed.select_devices("all") == jax.devices()
+
+
+COMMON = ["dataset=digits", "model=mlp", "model.options.hidden=[16]", "train.batch_size=64",
+          "train.steps=6", "train.eval_every=3", "train.log_every=3"]
+
+
+def _cli(run_dir, *overrides, env):
+    return subprocess.Popen([sys.executable, "-m", "dpjax.cli", *COMMON, *overrides,
+                             f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=run_dir.parent)
+
+
+def _finish(procs):
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_devices(tmp_path_factory):
+    root = tmp_path_factory.mktemp("devices")
+    for n in (1, 2):
+        _finish([_cli(root / f"d{n}", env=_env(n))])
+    return {n: json.loads((root / f"d{n}" / "summary.json").read_text()) for n in (1, 2)}
+
+
+def test_training_on_2_devices_from_the_command_line_matches_1_device(one_and_two_devices):
+    """The whole loop sharded (placement, eval, checkpoint of sharded arrays): after 6
+    steps the summary equals the one-device run's up to float summation order."""
+    one, two = one_and_two_devices[1], one_and_two_devices[2]
+    assert one["num_devices"] == 1 and two["num_devices"] == 2
+    assert two["epsilon"] == one["epsilon"]
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_match_one_process(one_and_two_devices, tmp_path):
+    """``train.distributed=true`` in 2 processes of 1 CPU device each, found through
+    Slurm's variables as under ``srun``: each loads its half of every batch, only
+    process 0 writes the outputs, and the result is the 2-device run's."""
+    run_dir = tmp_path / "run"
+    job_id = str(40000 + os.getpid() % 20000)  # JAX derives the coordinator port from it
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(1), "SLURM_JOB_ID": job_id, "SLURM_NTASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               "SLURM_STEP_NODELIST": "localhost", "SLURM_NODELIST": "localhost"}
+        procs.append(_cli(run_dir, "train.distributed=true", env=env))
+    _finish(procs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["num_devices"] == 2
+    assert summary["epsilon"] == one_and_two_devices[2]["epsilon"]
+    assert summary["test_loss"] == pytest.approx(one_and_two_devices[2]["test_loss"], rel=1e-5)
+    steps = [json.loads(line)["step"] for line in
+             (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]
+    assert (run_dir / "checkpoints" / "6").is_dir()
+
+
+if __name__ == "__main__":
+    _script()
