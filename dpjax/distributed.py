@@ -74,21 +74,29 @@ def make_mesh(devices: list[jax.Device]) -> Mesh | None:
 
 
 def physical_batch_size(
-    explicit: int | None, num_examples: int, sample_rate: float, num_devices: int
+    explicit: int | None,
+    num_examples: int,
+    sample_rate: float,
+    num_devices: int,
+    num_parties: int = 1,
 ) -> int:
     """The Poisson sampler's chunk size: the user's ``dp.physical_batch_size``, which
-    must divide evenly over the devices, or the default rounded up to a multiple of
-    ``lcm(8, num_devices)``. ``num_devices`` may be any number of equal slices the
-    chunk must split into (devices, or SecAgg parties)."""
+    must divide evenly over the devices (and SecAgg parties), or the default rounded
+    up to a multiple of ``lcm(8, num_devices, num_parties)``."""
     if explicit is not None:
         if explicit % num_devices:
             raise ConfigError(
-                f"Expected dp.physical_batch_size={explicit} to be a multiple of {num_devices}: "
-                "every device (and SecAgg party) takes an equal slice of the physical "
+                f"Expected dp.physical_batch_size={explicit} to be a multiple of the device "
+                f"count {num_devices}: every device takes an equal slice of the physical "
                 "batch (set train.devices, or leave dp.physical_batch_size=null)."
             )
+        if explicit % num_parties:
+            raise ConfigError(
+                f"Expected dp.physical_batch_size={explicit} to be a multiple of "
+                f"dp.num_parties={num_parties}: every SecAgg party holds an equal block of rows."
+            )
         return explicit
-    multiple = math.lcm(PHYSICAL_MULTIPLE, num_devices)
+    multiple = math.lcm(PHYSICAL_MULTIPLE, num_devices, num_parties)
     return default_physical_batch_size(num_examples, sample_rate, multiple)
 
 

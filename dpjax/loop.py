@@ -248,7 +248,7 @@ def _set_up(cfg: RunConfig, out_dir: Path) -> tuple[Setup, TrainState]:
             "the simulated SecAgg round runs on one device."
         )
     physical = distributed.physical_batch_size(d.physical_batch_size, plan.num_train,
-                                               plan.sample_rate, math.lcm(len(devices), parties))
+                                               plan.sample_rate, len(devices), parties)
 
     model = get_model(cfg.model.name, ds.num_classes, **cfg.model.options)
     check_no_batch_mixing(model, jnp.asarray(x_train[:1]))
