@@ -142,30 +142,16 @@ def make_dp_step(
         s, norms = grad_fn(params, batch, mask)
         return s, _stats(norms, mask, flat_bound)
 
-    def apply(state: TrainState, summed: PyTree) -> TrainState:
-        noisy_mean = privatize(
+    def gradient(state: TrainState, summed: PyTree) -> PyTree:
+        return privatize(
             summed,
             noise_key(state),
             noise_multiplier=noise_multiplier,
             l2_clip_norm=l2_clip_norm,
             expected_batch_size=expected_batch_size,
         )
-        updates, opt_state = optimizer.update(noisy_mean, state.opt_state, state.params)
-        return state.replace(
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            step=state.step + 1,
-        )
 
-    def step(state, batch, mask):
-        summed, stats = clipped_sum(state.params, batch, mask)
-        return apply(state, summed), stats
-
-    return DPStep(
-        step=jax.jit(step, donate_argnums=0),
-        clipped_sum=jax.jit(clipped_sum),
-        apply=jax.jit(apply, donate_argnums=0),
-    )
+    return _assemble(clipped_sum, gradient, optimizer)
 
 
 def make_nonprivate_step(
@@ -188,10 +174,19 @@ def make_nonprivate_step(
         )
         return (grads, n), stats
 
-    def apply(state, summed):
+    def gradient(state: TrainState, summed) -> PyTree:
         grads, n = summed
-        mean = jax.tree_util.tree_map(lambda g: g / jnp.maximum(n, 1), grads)
-        updates, opt_state = optimizer.update(mean, state.opt_state, state.params)
+        return jax.tree_util.tree_map(lambda g: g / jnp.maximum(n, 1), grads)
+
+    return _assemble(clipped_sum, gradient, optimizer)
+
+
+def _assemble(clipped_sum, gradient, optimizer: optax.GradientTransformation) -> DPStep:
+    """Jits ``clipped_sum``, ``apply`` (``gradient`` then the optax update) and both fused."""
+
+    def apply(state: TrainState, summed) -> TrainState:
+        updates, opt_state = optimizer.update(gradient(state, summed), state.opt_state,
+                                              state.params)
         return state.replace(
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
