@@ -19,6 +19,7 @@ With one device nothing here is used: the step runs exactly as before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 
@@ -169,12 +170,36 @@ def shard_step(dp_step: DPStep, mesh: Mesh) -> DPStep:
     """
     rep = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    wrap = _one_at_a_time if mesh.devices.flat[0].platform == "cpu" else (lambda fn: fn)
     return dataclasses.replace(
         dp_step,
-        step=jax.jit(dp_step.step, in_shardings=(rep, rows, rows), out_shardings=(rep, rep),
-                     donate_argnums=0),
-        clipped_sum=jax.jit(dp_step.clipped_sum, in_shardings=(rep, rows, rows),
-                            out_shardings=(rep, rep)),
-        apply=jax.jit(dp_step.apply, in_shardings=(rep, rep), out_shardings=rep,
-                      donate_argnums=0),
+        step=wrap(jax.jit(dp_step.step, in_shardings=(rep, rows, rows),
+                          out_shardings=(rep, rep), donate_argnums=0)),
+        clipped_sum=wrap(jax.jit(dp_step.clipped_sum, in_shardings=(rep, rows, rows),
+                                 out_shardings=(rep, rep))),
+        accumulate=wrap(jax.jit(dp_step.accumulate, in_shardings=(rep, rep, rep, rows, rows),
+                                out_shardings=(rep, rep), donate_argnums=(1, 2))),
+        apply=wrap(jax.jit(dp_step.apply, in_shardings=(rep, rep), out_shardings=rep,
+                           donate_argnums=0)),
     )
+
+
+def _one_at_a_time(jitted):
+    """Waits for each call's result before returning it (CPU meshes only).
+
+    On XLA:CPU, every device of a mesh runs its part of a program on a shared
+    thread pool with about one thread per device, and an all-reduce blocks its
+    thread until all devices arrive. With several sharded calls in flight
+    (asynchronous dispatch), the threads can all be taken by parts waiting at
+    a collective whose last part has no thread left to run on: the process
+    aborts after XLA's 40 s rendezvous timeout (seen with 8 host devices on a
+    2-core machine). Host CPU meshes are for tests and simulation, so giving
+    up the overlap of dispatch and compute there costs little; GPU and TPU
+    meshes keep asynchronous dispatch.
+    """
+
+    @functools.wraps(jitted)
+    def call(*args):
+        return jax.block_until_ready(jitted(*args))
+
+    return call

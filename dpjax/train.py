@@ -94,24 +94,28 @@ class DPStep:
     """The jitted pieces of a DP-SGD step.
 
     ``step(state, batch, mask)`` does a whole step on one physical chunk.
-    ``clipped_sum(params, batch, mask)`` and ``apply(state, clipped_sum)`` split
-    it, so a Poisson batch larger than the physical size is summed over several
-    chunks before the noise is drawn once (:meth:`run`).
+    ``clipped_sum(params, batch, mask)``, ``accumulate(params, summed, stats,
+    batch, mask)`` (adds one more chunk to a running sum) and ``apply(state,
+    summed)`` split it, so a Poisson batch larger than the physical size is
+    summed over several chunks before the noise is drawn once (:meth:`run`).
     """
 
     step: Callable[[TrainState, PyTree, jax.Array], tuple[TrainState, StepStats]]
     clipped_sum: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, StepStats]]
+    accumulate: Callable[[PyTree, PyTree, StepStats, PyTree, jax.Array],
+                         tuple[PyTree, StepStats]]
     apply: Callable[[TrainState, PyTree], TrainState]
 
     def run(self, state: TrainState, chunks: Sequence[tuple[PyTree, jax.Array]]):
         """One step over a list of ``(batch, mask)`` chunks of one physical shape."""
         if len(chunks) == 1:
             return self.step(state, *chunks[0])
-        total, stats = None, None
-        for batch, mask in chunks:
-            s, st = self.clipped_sum(state.params, batch, mask)
-            total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
-            stats = st if stats is None else _add_stats(stats, st)
+        (batch, mask), *rest = chunks
+        total, stats = self.clipped_sum(state.params, batch, mask)
+        # Each chunk's call takes the running sum (donated) and adds to it in
+        # place: one chain of calls, no separate add per leaf and per chunk.
+        for batch, mask in rest:
+            total, stats = self.accumulate(state.params, total, stats, batch, mask)
         return self.apply(state, total), stats
 
 
@@ -197,9 +201,14 @@ def _assemble(clipped_sum, gradient, optimizer: optax.GradientTransformation) ->
         summed, stats = clipped_sum(state.params, batch, mask)
         return apply(state, summed), stats
 
+    def accumulate(params, summed, stats, batch, mask):
+        s, st = clipped_sum(params, batch, mask)
+        return jax.tree_util.tree_map(jnp.add, summed, s), _add_stats(stats, st)
+
     return DPStep(
         step=jax.jit(step, donate_argnums=0),
         clipped_sum=jax.jit(clipped_sum),
+        accumulate=jax.jit(accumulate, donate_argnums=(1, 2)),
         apply=jax.jit(apply, donate_argnums=0),
     )
 

@@ -73,6 +73,36 @@ def test_split_chunks_equal_one_big_chunk_with_noise_drawn_once(mlp_problem):
     assert int(stats.batch_size) == 11
 
 
+def test_each_chunk_call_takes_the_previous_running_sum(mlp_problem):
+    # The running sum goes through every chunk call (added in place), and
+    # apply() receives the last one: no chunk is dropped or counted twice.
+    import dataclasses
+
+    loss_fn, params, (x, y) = mlp_problem
+    opt = optax.sgd(0.1)
+    step = make_dp_step(loss_fn, opt, noise_multiplier=1.0, l2_clip_norm=0.5,
+                        expected_batch_size=12.0)
+    calls = []
+
+    def record(name, fn):
+        def wrapped(*args):
+            out = fn(*args)
+            calls.append((name, args, out))
+            return out
+        return wrapped
+
+    traced = dataclasses.replace(step, clipped_sum=record("clipped_sum", step.clipped_sum),
+                                 accumulate=record("accumulate", step.accumulate),
+                                 apply=record("apply", step.apply))
+    mask = jnp.ones(4)
+    chunks = [((x[i:i + 4], y[i:i + 4]), mask) for i in (0, 4, 8)]
+    traced.run(init_state(params, opt, 0), chunks)
+    assert [name for name, _, _ in calls] == ["clipped_sum", "accumulate", "accumulate", "apply"]
+    for (_, _, previous), (_, args, _) in zip(calls[:-2], calls[1:-1], strict=True):
+        assert args[1] is previous[0] and args[2] is previous[1]  # (summed, stats) passed on
+    assert calls[-1][1][1] is calls[-2][2][0]
+
+
 def test_the_jitted_step_compiles_once_across_fifty_poisson_steps(mlp_problem):
     loss_fn, params, _ = mlp_problem
     x, y = _data()
