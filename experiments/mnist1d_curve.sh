@@ -2,7 +2,7 @@
 # The privacy-utility curve on MNIST-1D, end to end: a sweep over the noise
 # multiplier (configs/experiment/mnist1d_curve.yaml), the non-private baseline
 # of the same model and steps, and the report (table + plot), copied here.
-#   bash experiments/mnist1d_curve.sh            (about 20 minutes on 2 CPU cores)
+#   bash experiments/mnist1d_curve.sh            (about 7 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
