@@ -185,8 +185,8 @@ def make_nonprivate_step(
     return _assemble(clipped_sum, gradient, optimizer)
 
 
-def _assemble(clipped_sum, gradient, optimizer: optax.GradientTransformation) -> DPStep:
-    """Jits ``clipped_sum``, ``apply`` (``gradient`` then the optax update) and both fused."""
+def make_apply(gradient, optimizer: optax.GradientTransformation):
+    """``apply(state, summed) -> state``: ``gradient(state, summed)``, then the optax update."""
 
     def apply(state: TrainState, summed) -> TrainState:
         updates, opt_state = optimizer.update(gradient(state, summed), state.opt_state,
@@ -197,13 +197,24 @@ def _assemble(clipped_sum, gradient, optimizer: optax.GradientTransformation) ->
             step=state.step + 1,
         )
 
+    return apply
+
+
+def add_sums(summed: PyTree, stats: StepStats, more: PyTree, more_stats: StepStats):
+    """Adds one more chunk's sum and stats to the running ones."""
+    return jax.tree_util.tree_map(jnp.add, summed, more), _add_stats(stats, more_stats)
+
+
+def _assemble(clipped_sum, gradient, optimizer: optax.GradientTransformation) -> DPStep:
+    """Jits ``clipped_sum``, ``apply`` (``gradient`` then the optax update) and both fused."""
+    apply = make_apply(gradient, optimizer)
+
     def step(state, batch, mask):
         summed, stats = clipped_sum(state.params, batch, mask)
         return apply(state, summed), stats
 
     def accumulate(params, summed, stats, batch, mask):
-        s, st = clipped_sum(params, batch, mask)
-        return jax.tree_util.tree_map(jnp.add, summed, s), _add_stats(stats, st)
+        return add_sums(summed, stats, *clipped_sum(params, batch, mask))
 
     return DPStep(
         step=jax.jit(step, donate_argnums=0),

@@ -186,10 +186,8 @@ def secure_sum(
         if isinstance(flat, jax.core.Tracer):
             raise ValueError("Expected max_abs to be given when secure_sum runs inside jit.")
         max_abs = float(jnp.max(jnp.abs(flat), initial=0.0))
-    keys = jax.random.split(rounding_key, n) if rounding_key is not None else [None] * n
-    encoded = jnp.stack(
-        [encode(flat[u], scale, key=keys[u], max_abs=max_abs, num_parties=n) for u in range(n)]
-    )
+    # One encode of the [n, d] block: each party's values get their own rounding draws.
+    encoded = encode(flat, scale, key=rounding_key, max_abs=max_abs, num_parties=n)
     masked = jax.vmap(protocol.masked_input)(
         encoded, round_masks.party_keys, round_masks.party_nonces, round_masks.party_weights
     )

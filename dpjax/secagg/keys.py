@@ -66,7 +66,7 @@ def x25519_pair_seed(
         x25519.X25519PublicKey.from_public_bytes(peer_public)
     )
     low, high = sorted(parties)
-    info = _PAIR_INFO + struct.pack("<III", round_index, low, high)
+    info = _PAIR_INFO + struct.pack("<QII", round_index, low, high)
     seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
     return bytes_to_words(seed)
 

@@ -11,7 +11,8 @@ Two explicit modes (:class:`Mode`):
   mask: use it only to study accuracy and cost, never to protect data.
 
 Domain separation: a ChaCha20 key is only ever used with the nonce
-``(purpose, round_index, 0)`` of its single purpose (:class:`Purpose`), and
+``(purpose, round_index)`` (the 64-bit round index in the last two words) of
+its single purpose (:class:`Purpose`), and
 keys are fresh per round, so no ``(key, nonce, counter)`` triple is reused
 for two different masks or shares.
 """
@@ -87,7 +88,8 @@ def simulation_seed(key: jax.Array) -> jax.Array:
 
 
 def nonce(purpose: Purpose, round_index: int) -> np.ndarray:
-    """The ChaCha20 nonce ``uint32[3]`` for ``purpose`` in round ``round_index``."""
-    if not 0 <= round_index < 2**32:
-        raise ValueError(f"Expected round_index={round_index} in [0, 2^32).")
-    return np.array([int(Purpose(purpose)), round_index, 0], dtype=np.uint32)
+    """The ChaCha20 nonce ``uint32[3]``: ``purpose``, then the 64-bit ``round_index``."""
+    if not 0 <= round_index < 2**64:
+        raise ValueError(f"Expected round_index={round_index} in [0, 2^64).")
+    low, high = round_index & 0xFFFFFFFF, round_index >> 32
+    return np.array([int(Purpose(purpose)), low, high], dtype=np.uint32)

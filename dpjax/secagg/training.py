@@ -7,12 +7,18 @@ its own rows and sums them; the parties' sums go through one SecAgg round
 and their total; the Gaussian noise is then added once to that total by the
 ordinary DP step (:func:`dpjax.train.make_dp_step`'s ``apply``).
 
-Guarantee: the released update is the same Gaussian mechanism as the plain
-step (same clip bound, same noise, same key), applied to a sum that differs
-from the plain float sum by at most ``quantization_error_bound(n, scale)`` per
-coordinate. Every party's sum of ``m`` rows clipped to ``S`` has coordinates
-of magnitude at most ``m * S``: that public bound sizes the fixed-point scale,
-so encoding can never wrap and never clamps.
+Guarantee: the released update is a Gaussian mechanism with the plain step's
+noise multiplier (same key), applied to a sum that differs from the plain
+float sum by at most ``quantization_error_bound(n, scale)`` per coordinate.
+Stochastic rounding can move one party's encoded sum by up to ``1 / scale``
+per coordinate beyond the change of its float sum, so one example changes
+the aggregated sum by at most ``S + sqrt(d) / scale`` in L2 (``d`` = number of
+parameters, for any fixed rounding draws): the noise standard deviation is
+``noise_multiplier * (S + sqrt(d) / scale)`` (:func:`secagg_sensitivity`), so
+the accountant's noise multiplier stays exact. Every party's sum of ``m``
+rows clipped to ``S`` has coordinates of magnitude at most ``m * S``: that
+public bound sizes the fixed-point scale, so encoding can never wrap and
+never clamps.
 
 Each step (and each overflow chunk) runs a fresh round: new pairwise and
 self-mask seeds from ``prepare_round``; in ``mode="simulation"`` they derive
@@ -28,14 +34,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from dpjax import _validate
 from dpjax.clipping import clipped_grad, sensitivity
+from dpjax.noise import privatize
 from dpjax.secagg.aggregate import prepare_round, secure_sum
 from dpjax.secagg.encoding import INT32_LIMIT, check_no_wrap, quantization_error_bound
-from dpjax.train import TrainState, _add_stats, _stats, make_dp_step
+from dpjax.train import TrainState, _stats, add_sums, make_apply, noise_key
 
 PyTree = Any
 ROUNDING_STREAM = 1  # key stream of the stochastic rounding; the noise uses stream 0
@@ -82,6 +88,16 @@ def fixed_point_scale(num_parties: int, rows_per_party: int, l2_clip_norm: float
     return scale
 
 
+def secagg_sensitivity(l2_clip_norm: float | PyTree, num_params: int, scale: float) -> float:
+    """L2 sensitivity of the securely aggregated sum: ``S + sqrt(d) / scale``.
+
+    ``S = sensitivity(l2_clip_norm)`` bounds one example's change of its
+    party's float sum; stochastic rounding to multiples of ``1 / scale``
+    adds at most ``1 / scale`` per coordinate of the ``d = num_params``.
+    """
+    return sensitivity(l2_clip_norm) + math.sqrt(num_params) / scale
+
+
 @dataclasses.dataclass(frozen=True)
 class SecAggDPStep:
     """A DP step whose clipped sum is securely aggregated; ``run`` as in ``DPStep``."""
@@ -90,10 +106,16 @@ class SecAggDPStep:
     scale: float
     error_bound: float
     party_sums: Callable
+    add: Callable
     apply: Callable[[TrainState, PyTree], TrainState]
 
     def run(self, state: TrainState, chunks: Sequence[tuple[PyTree, jax.Array]]):
         s = self.settings
+        if len(chunks) > MAX_CHUNKS_PER_STEP:
+            raise ValueError(
+                f"Expected at most {MAX_CHUNKS_PER_STEP} chunks per step (each gets its own "
+                f"round index); got {len(chunks)}: raise dp.physical_batch_size."
+            )
         step = int(state.step)
         total, stats = None, None
         for i, (batch, mask) in enumerate(chunks):
@@ -101,15 +123,14 @@ class SecAggDPStep:
                 s.num_parties,
                 threshold=s.resolved_threshold,
                 num_neighbours=s.num_neighbours,
-                round_index=step * MAX_CHUNKS_PER_STEP + i,
+                round_index=step * MAX_CHUNKS_PER_STEP + i,  # < 2^64: see nonce()
                 key_agreement=s.key_agreement,
                 mode=s.mode,
                 seed=s.seed if s.mode == "simulation" else None,
             )
             summed, st = self.party_sums(state.params, state.key, state.step, i, batch, mask,
                                          masks)
-            total = summed if total is None else jax.tree_util.tree_map(jnp.add, total, summed)
-            stats = st if stats is None else _add_stats(stats, st)
+            total, stats = (summed, st) if total is None else self.add(total, stats, summed, st)
         return self.apply(state, total), stats
 
 
@@ -137,9 +158,14 @@ def make_secagg_dp_step(
     scale = fixed_point_scale(n, rows, bound)
     grad_fn = clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, microbatch_size=microbatch_size,
                            method=clipping_method)
-    plain = make_dp_step(loss_fn, optimizer, noise_multiplier=noise_multiplier,
-                         l2_clip_norm=l2_clip_norm, expected_batch_size=expected_batch_size,
-                         microbatch_size=microbatch_size, clipping_method=clipping_method)
+    _validate.non_negative("noise_multiplier", noise_multiplier)
+    _validate.positive("expected_batch_size", expected_batch_size)
+
+    def gradient(state: TrainState, summed: PyTree) -> PyTree:
+        num_params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(summed))
+        return privatize(summed, noise_key(state), noise_multiplier=noise_multiplier,
+                         l2_clip_norm=secagg_sensitivity(l2_clip_norm, num_params, scale),
+                         expected_batch_size=expected_batch_size)
 
     @jax.jit
     def party_sums(params, key, step, chunk_index, batch, mask, round_masks):
@@ -157,4 +183,5 @@ def make_secagg_dp_step(
         return total, _stats(norms.reshape(-1), mask, bound)
 
     return SecAggDPStep(settings, scale, quantization_error_bound(n, scale), party_sums,
-                        plain.apply)
+                        jax.jit(add_sums, donate_argnums=(0, 1)),
+                        jax.jit(make_apply(gradient, optimizer), donate_argnums=0))

@@ -152,6 +152,19 @@ def test_rounds_use_disjoint_seeds_and_nonces():
     np.testing.assert_array_equal(a.party_keys, again.party_keys)  # simulation is reproducible
 
 
+def test_round_indices_past_2_to_the_32_get_their_own_nonces():
+    # DP training uses round index step * 2^16 + chunk: step 65536 reaches 2^32.
+    from dpjax.secagg.randomness import Purpose, nonce
+
+    seen = {tuple(nonce(Purpose.PAIR_MASK, r)) for r in (1, 2**32, 2**32 + 1, 2**63)}
+    assert len(seen) == 4
+    big = prepare_round(4, threshold=2, mode="simulation", seed=9, round_index=2**32 + 1)
+    assert set(map(tuple, np.asarray(big.party_nonces)[..., 1:].reshape(-1, 2).tolist())) == {
+        (1, 1)}
+    with pytest.raises(ValueError, match=r"round_index=-1 in \[0, 2\^64\)"):
+        nonce(Purpose.SHARE, -1)
+
+
 @given(n=st.integers(3, 16), k=st.integers(1, 15), seed=st.integers(0, 1000))
 def test_random_regular_graph_is_symmetric_and_k_regular(n, k, seed):
     if k >= n or (k % 2 and n % 2):

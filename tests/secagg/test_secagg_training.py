@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from dpjax.secagg import training
 from dpjax.secagg.training import SecAggSettings, fixed_point_scale, make_secagg_dp_step
 from dpjax.train import init_state, make_dp_step
 
@@ -55,6 +56,38 @@ def test_chunks_are_aggregated_in_separate_rounds_and_noised_once(mlp_problem):
     bound = 0.5 * 2 * sec.error_bound / 12.0 + _float32_slack(plain.params)
     assert np.abs(_flat(split.params) - _flat(plain.params)).max() <= bound
     assert int(split.step) == 1
+
+
+def test_the_noise_covers_the_rounding_as_well_as_the_clip_bound(mlp_problem, monkeypatch):
+    # Stochastic rounding can move a party's sum by 1/scale per coordinate more
+    # than one example's clipped gradient: the noise is scaled to S + sqrt(d)/scale.
+    loss_fn, params, (x, y) = mlp_problem
+    told, privatize = [], training.privatize
+
+    def recording_privatize(summed, key, **kw):
+        told.append(kw["l2_clip_norm"])
+        return privatize(summed, key, **kw)
+
+    monkeypatch.setattr(training, "privatize", recording_privatize)
+    opt = optax.sgd(0.1)
+    sec = make_secagg_dp_step(loss_fn, opt, noise_multiplier=1.0, l2_clip_norm=0.5,
+                              expected_batch_size=12.0, physical_batch_size=12,
+                              settings=SecAggSettings(4, mode="simulation"))
+    sec.run(init_state(params, opt, 0), [((x, y), jnp.ones(12))])
+    d = sum(p.size for p in jax.tree_util.tree_leaves(params))
+    assert told == [0.5 + np.sqrt(d) / sec.scale]
+    assert training.secagg_sensitivity({"a": 0.3, "b": 0.4}, 100, 2.0) == pytest.approx(5.5)
+
+
+def test_too_many_chunks_for_the_round_index_are_refused(mlp_problem):
+    loss_fn, params, (x, y) = mlp_problem
+    opt = optax.sgd(0.1)
+    sec = make_secagg_dp_step(loss_fn, opt, noise_multiplier=1.0, l2_clip_norm=0.5,
+                              expected_batch_size=12.0, physical_batch_size=4,
+                              settings=SecAggSettings(2, mode="simulation"))
+    chunk = ((x[:4], y[:4]), jnp.ones(4))
+    with pytest.raises(ValueError, match=r"at most 65536 chunks per step .* got 65537"):
+        sec.run(init_state(params, opt, 0), [chunk] * (training.MAX_CHUNKS_PER_STEP + 1))
 
 
 def test_the_scale_never_lets_the_sum_wrap():
