@@ -251,7 +251,7 @@ def _set_up(cfg: RunConfig, out_dir: Path) -> tuple[Setup, TrainState]:
                                                plan.sample_rate, len(devices), parties)
 
     model = get_model(cfg.model.name, ds.num_classes, **cfg.model.options)
-    check_no_batch_mixing(model, jnp.asarray(x_train[:1]))
+    check_no_batch_mixing(model, jnp.asarray(x_train[:2]))  # two rows: the jvp check
     params = model.init(jax.random.PRNGKey(cfg.train.seed), jnp.asarray(x_train[:1]))["params"]
     optimizer = build_optimizer(cfg.optimizer)
     loss_fn = cross_entropy_loss(model.apply)

@@ -41,6 +41,30 @@ def test_batchnorm_is_refused_with_the_reason_and_the_alternative():
         check_no_batch_mixing(_WithBatchNorm(), jnp.zeros((2, 5)))
 
 
+class _CentersOverTheBatch(nn.Module):
+    """A custom layer that mixes examples without being any known mixing layer."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+        return h - jnp.mean(h, axis=0)
+
+
+class _Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Sequential([nn.Dense(3), nn.BatchNorm(use_running_average=False)])(x)
+
+
+def test_nested_batchnorm_and_unnamed_mixing_are_refused():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
+    with pytest.raises(BatchMixingError, match="BatchNorm at"):
+        check_no_batch_mixing(_Nested(), x)
+    with pytest.raises(BatchMixingError, match="other examples change when only example 0"):
+        check_no_batch_mixing(_CentersOverTheBatch(), x)
+    check_no_batch_mixing(_CentersOverTheBatch(), x[:1])  # one row: nothing to compare
+
+
 def test_unknown_model_and_option_are_named():
     with pytest.raises(ValueError, match=r"model='vit'.*'cnn1d'"):
         get_model("vit", 10)
