@@ -86,7 +86,7 @@ def _group_leaves(l2_clip_norm: PyTree, tree: PyTree) -> tuple[list[float], list
     return bounds, groups
 
 
-def _sq_norms(tree: PyTree) -> jax.Array:
+def sq_norms(tree: PyTree) -> jax.Array:
     """Per-example squared L2 norm of a stacked pytree [B, ...] -> [B]."""
     return sum(
         jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
@@ -101,6 +101,36 @@ def clip_factors(norms: jax.Array, mask: jax.Array, l2_clip_norm: float) -> jax.
     return jnp.where(jnp.isfinite(norms), factor, 0.0) * mask.astype(factor.dtype)
 
 
+def group_factors(
+    group_sq: list[jax.Array], mask: jax.Array, bounds: list[float]
+) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """``(norms, row_ok, factors)`` from each clipping group's squared norms [B].
+
+    ``norms`` are the global norms, ``row_ok`` says where they are finite, and
+    each group's factor is ``mask_i * min(1, bound / group_norm_i)``, 0 where
+    ``row_ok`` is False. Both clipping paths weigh rows with these factors.
+    """
+    norms = jnp.sqrt(sum(group_sq))
+    row_ok = jnp.isfinite(norms)
+    factors = [
+        clip_factors(jnp.sqrt(sq), mask, bound) * row_ok
+        for bound, sq in zip(bounds, group_sq, strict=True)
+    ]
+    return norms, row_ok, factors
+
+
+def zero_bad_rows(x: jax.Array, row_ok: jax.Array) -> jax.Array:
+    """``x`` [B, ...] with the rows where ``row_ok`` is False set to 0 (no ``0 * NaN``)."""
+    return jnp.where(row_ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def weigh_rows(per_example: jax.Array, factor: jax.Array, row_ok: jax.Array) -> jax.Array:
+    """``sum_i factor_i * per_example_i`` over the rows that are finite."""
+    return jnp.tensordot(
+        factor.astype(per_example.dtype), zero_bad_rows(per_example, row_ok), axes=1
+    )
+
+
 def clip_and_sum(
     grads: PyTree, mask: jax.Array, l2_clip_norm: float | PyTree
 ) -> tuple[PyTree, jax.Array]:
@@ -112,19 +142,11 @@ def clip_and_sum(
     clipping.
     """
     bounds, groups = _group_leaves(l2_clip_norm, grads)
-    group_sq = [_sq_norms(g) for g in groups]
-    norms = jnp.sqrt(sum(group_sq))
-    row_ok = jnp.isfinite(norms)
-    summed_groups = []
-    for bound, sub, sq in zip(bounds, groups, group_sq, strict=True):
-        factor = clip_factors(jnp.sqrt(sq), mask, bound) * row_ok
-
-        def weighted_sum(leaf, factor=factor):
-            ok = row_ok.reshape((-1,) + (1,) * (leaf.ndim - 1))
-            clean = jnp.where(ok, leaf, jnp.zeros((), leaf.dtype))
-            return jnp.tensordot(factor.astype(leaf.dtype), clean, axes=1)
-
-        summed_groups.append(jax.tree_util.tree_map(weighted_sum, sub))
+    norms, row_ok, factors = group_factors([sq_norms(g) for g in groups], mask, bounds)
+    summed_groups = [
+        jax.tree_util.tree_map(lambda leaf, f=factor: weigh_rows(leaf, f, row_ok), sub)
+        for sub, factor in zip(groups, factors, strict=True)
+    ]
     clip_def = jax.tree_util.tree_structure(l2_clip_norm)
     return jax.tree_util.tree_unflatten(clip_def, summed_groups), norms
 
@@ -174,15 +196,15 @@ def clipped_grad(
     _validate.one_of("method", method, METHODS)
     if microbatch_size is not None:
         _validate.positive_int("microbatch_size", microbatch_size)
-    if method in ("fast", "auto"):
-        from dpjax import fast_clipping  # noqa: PLC0415  (optional path, issue #4)
 
-        return fast_clipping.clipped_grad(
-            loss_fn, l2_clip_norm=l2_clip_norm, microbatch_size=microbatch_size, method=method
-        )
-
-    def chunk(params, batch, mask):
+    def vmap_chunk(params, batch, mask):
         return clip_and_sum(per_example_grads(loss_fn, params, batch), mask, l2_clip_norm)
+
+    chunk = vmap_chunk
+    if method in ("fast", "auto"):
+        from dpjax.fast_clipping import make_chunk  # noqa: PLC0415  (imports this module)
+
+        chunk = make_chunk(loss_fn, l2_clip_norm=l2_clip_norm, method=method, fallback=vmap_chunk)
 
     @jax.jit
     def f(params, batch, mask):

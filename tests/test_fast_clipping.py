@@ -294,4 +294,5 @@ def test_unknown_method_is_refused():
     from dpjax import fast_clipping
 
     with pytest.raises(ValueError, match="Expected method='vmap'"):
-        fast_clipping.clipped_grad(lambda p, b: b, l2_clip_norm=1.0, method="vmap")
+        fast_clipping.make_chunk(lambda p, b: b, l2_clip_norm=1.0, method="vmap",
+                                 fallback=lambda p, b, m: (p, m))

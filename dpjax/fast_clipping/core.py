@@ -27,15 +27,12 @@ import jax.numpy as jnp
 
 from dpjax import _validate
 from dpjax.clipping import (
-    ClippedGradFn,
     LossFn,
-    _check_mask,
     _group_leaves,
-    _microbatched,
-    clip_and_sum,
-    clip_factors,
+    group_factors,
     per_example_grads,
-    sensitivity,
+    sq_norms,
+    weigh_rows,
 )
 from dpjax.fast_clipping import rules
 from dpjax.fast_clipping.capture import Plan, capture, discover
@@ -93,32 +90,26 @@ def fast_clip_and_sum(
     if plan.leftover:
         grads = _leftover_grads(loss_fn, params, batch, plan.leftover)
         leftover = dict(zip(plan.leftover, grads, strict=True))
-        leaf_sq.update({i: rules._sq(g) for i, g in leftover.items()})
+        leaf_sq.update({i: sq_norms(g) for i, g in leftover.items()})
         names = _leaf_names(params)
         branches += [(names[i], WHOLE_MODEL_VMAP) for i in plan.leftover]
 
     index_tree = jax.tree_util.tree_unflatten(treedef, list(range(len(leaves))))
     bounds, groups = _group_leaves(l2_clip_norm, index_tree)
     group_members = [jax.tree_util.tree_leaves(g) for g in groups]
-    group_sq = [sum(leaf_sq[i] for i in members) for members in group_members]
-    norms = jnp.sqrt(sum(group_sq))
-    row_ok = jnp.isfinite(norms)
-    leaf_factor = {}
-    for bound, members, sq in zip(bounds, group_members, group_sq, strict=True):
-        factor = clip_factors(jnp.sqrt(sq), mask, bound) * row_ok
-        leaf_factor.update({i: factor for i in members})
-
-    def weighted_sums(row_ok):
-        summed: list[jax.Array | None] = [None] * len(leaves)
-        for layer, weighted_sum in weighers:
-            factors = {n: leaf_factor[i] for n, i in layer.leaves.items()}
-            for n, value in weighted_sum(factors, row_ok).items():
-                summed[layer.leaves[n]] = value
-        for i, g in leftover.items():
-            summed[i] = rules._weigh(g, leaf_factor[i], row_ok)
-        return [s.astype(leaf.dtype) for s, leaf in zip(summed, leaves, strict=True)]
-
-    summed = weighted_sums(row_ok)
+    norms, row_ok, factors = group_factors(
+        [sum(leaf_sq[i] for i in members) for members in group_members], mask, bounds
+    )
+    leaf_factor = {i: f for members, f in zip(group_members, factors, strict=True)
+                   for i in members}
+    summed: list[jax.Array | None] = [None] * len(leaves)
+    for layer, weighted_sum in weighers:
+        factors_by_name = {n: leaf_factor[i] for n, i in layer.leaves.items()}
+        for n, value in weighted_sum(factors_by_name, row_ok).items():
+            summed[layer.leaves[n]] = value
+    for i, g in leftover.items():
+        summed[i] = weigh_rows(g, leaf_factor[i], row_ok)
+    summed = [s.astype(leaf.dtype) for s, leaf in zip(summed, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, summed), norms, branches
 
 
@@ -158,54 +149,45 @@ def _make_logger() -> Callable[[int, str, str], None]:
     return log_once
 
 
-def clipped_grad(
+def make_chunk(
     loss_fn: LossFn,
     *,
     l2_clip_norm: float | PyTree,
-    microbatch_size: int | None = None,
-    method: str = "fast",
-) -> ClippedGradFn:
-    """Builds ``f(params, batch, mask) -> (clipped_sum, per_example_norms)`` without vmap.
+    method: str,
+    fallback: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]],
+) -> Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]]:
+    """``chunk(params, batch, mask) -> (clipped_sum, per_example_norms)`` by the fast path.
 
-    The same contract, and the same numbers up to float rounding, as
-    :func:`dpjax.clipping.clipped_grad` with ``method="vmap"``: ``clipped_sum``
-    is the sum over rows with ``mask=1`` of each row's gradient clipped to
-    ``l2_clip_norm`` (a float, or a pytree prefix of the params for per-layer
-    bounds); ``per_example_norms`` are the global norms before clipping, not
-    finite for rows whose gradient is not.
-
-    Guarantee: each row's contribution has L2 norm at most
+    Reached through ``dpjax.clipped_grad(..., method="fast" | "auto")``, which
+    validates the arguments and jits (and microbatches) the chunk. The same
+    contract, and the same numbers up to float rounding, as the vmap path
+    (``fallback``): each row's contribution has L2 norm at most
     ``sensitivity(l2_clip_norm)``; masked and non-finite rows contribute 0.
 
     ``method="fast"`` always takes this path, with per-layer fallbacks (logged);
     ``method="auto"`` takes it when at least one layer has a fast rule and the
-    loss can be traced layer by layer, and the vmap path otherwise (logged).
+    loss can be traced layer by layer, and ``fallback`` otherwise (logged).
     """
-    sensitivity(l2_clip_norm)
     _validate.one_of("method", method, METHODS)
-    if microbatch_size is not None:
-        _validate.positive_int("microbatch_size", microbatch_size)
     log_once = _make_logger()
-
-    def vmap_chunk(params, batch, mask):
-        return clip_and_sum(per_example_grads(loss_fn, params, batch), mask, l2_clip_norm)
 
     def chunk(params, batch, mask):
         try:
             plan = discover(loss_fn, params, batch)
+            if method == "auto" and all(
+                rules.kind(x) == rules.PER_LAYER_VMAP for x in plan.layers
+            ):
+                log_once(logging.WARNING,
+                         "clipping method 'auto': vmap path (no layer has a fast rule)")
+                return fallback(params, batch, mask)
+            summed, norms, branches = fast_clip_and_sum(
+                loss_fn, plan, params, batch, mask, l2_clip_norm
+            )
         except Exception as err:  # noqa: BLE001 (auto falls back on any tracing failure)
             if method == "fast":
                 raise
             log_once(logging.WARNING, "clipping method 'auto': vmap path (%s)", err)
-            return vmap_chunk(params, batch, mask)
-        if method == "auto" and all(rules.kind(x) == rules.PER_LAYER_VMAP for x in plan.layers):
-            log_once(
-                logging.WARNING, "clipping method 'auto': vmap path (no layer has a fast rule)"
-            )
-            return vmap_chunk(params, batch, mask)
-        summed, norms, branches = fast_clip_and_sum(
-            loss_fn, plan, params, batch, mask, l2_clip_norm
-        )
+            return fallback(params, batch, mask)
         fallbacks = _fallbacks(branches)
         log_once(
             logging.WARNING if fallbacks else logging.INFO,
@@ -216,11 +198,4 @@ def clipped_grad(
         )
         return summed, norms
 
-    @jax.jit
-    def f(params, batch, mask):
-        b = _check_mask(batch, mask)
-        if microbatch_size is None or microbatch_size >= b:
-            return chunk(params, batch, mask)
-        return _microbatched(chunk, params, batch, mask, microbatch_size)
-
-    return f
+    return chunk

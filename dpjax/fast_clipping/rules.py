@@ -7,7 +7,7 @@ example's gradient of the leaf ``name``, and ``weighted_sum(factors, row_ok)``,
 ``sum_i factors[name]_i * g_i[name]`` computed by book-keeping (from ``A``, ``G``
 or the layer's per-example gradients, with no further backward pass). Rows with
 ``row_ok = False`` are zeroed before they are weighted, so a non-finite row
-cannot turn the sum into ``0 * NaN``; ``row_ok=None`` says every row is finite.
+cannot turn the sum into ``0 * NaN``.
 
 Linear layers (Dense, DenseGeneral, Conv through patches) with ``T`` positions
 per example (tokens, pixels; several calls of one layer are stacked along T):
@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
+from dpjax.clipping import sq_norms as _sq
+from dpjax.clipping import weigh_rows, zero_bad_rows
 from dpjax.fast_clipping.capture import Call, Captured, Layer
 
 Weigher = Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
@@ -49,22 +51,6 @@ class Terms:
 def use_ghost(positions: int, d_in: int, d_out: int) -> bool:
     """The mixed rule: ghost norm when its [T, T] Gram matrices are smaller than a gradient."""
     return 2 * positions * positions < d_in * d_out
-
-
-def _rows(x: jax.Array, row_ok: jax.Array | None) -> jax.Array:
-    """``x`` with the rows where ``row_ok`` is False set to 0 (``None``: all rows are fine)."""
-    if row_ok is None:
-        return x
-    return jnp.where(row_ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
-
-
-def _weigh(per_example: jax.Array, factor: jax.Array, row_ok: jax.Array | None) -> jax.Array:
-    return jnp.tensordot(factor.astype(per_example.dtype), _rows(per_example, row_ok), axes=1)
-
-
-def _sq(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
 
 
 def _only_call(layer: Layer) -> bool:
@@ -161,13 +147,14 @@ def _linear_terms(
     def weighted_sum(factors, row_ok):
         f = factors["kernel"]
         if per_example is not None:
-            kernel = _weigh(per_example, f, row_ok)
+            kernel = weigh_rows(per_example, f, row_ok)
         else:
-            af = _rows(a, row_ok) * f.astype(a.dtype)[:, None, None]
-            kernel = jnp.matmul(af.reshape(b * t, d_in).T, _rows(g, row_ok).reshape(b * t, d_out))
+            af = zero_bad_rows(a, row_ok) * f.astype(a.dtype)[:, None, None]
+            gz = zero_bad_rows(g, row_ok)
+            kernel = jnp.matmul(af.reshape(b * t, d_in).T, gz.reshape(b * t, d_out))
         out = {"kernel": to_kernel(kernel)}
         if has_bias:
-            out["bias"] = _weigh(bias_per_example, factors["bias"], row_ok).reshape(bias_shape)
+            out["bias"] = weigh_rows(bias_per_example, factors["bias"], row_ok).reshape(bias_shape)
         return out
 
     return Terms(sq_norms, weighted_sum, branch)
@@ -298,8 +285,8 @@ def _embed_terms(layer: Layer, captured: list[Captured], leaves) -> Terms:
     def weighted_sum(factors, row_ok):
         f = factors["embedding"]
         if per_example is not None:
-            return {"embedding": _weigh(per_example, f, row_ok)}
-        weighted = _rows(g, row_ok) * f.astype(g.dtype)[:, None, None]
+            return {"embedding": weigh_rows(per_example, f, row_ok)}
+        weighted = zero_bad_rows(g, row_ok) * f.astype(g.dtype)[:, None, None]
         summed = jnp.zeros((vocab, d), g.dtype).at[ids.reshape(-1)].add(weighted.reshape(-1, d))
         return {"embedding": summed}
 
@@ -331,7 +318,7 @@ def _norm_terms(layer: Layer, captured: list[Captured], leaves) -> Terms:
 
 def _materialized(per_example: dict[str, jax.Array], branch: str) -> Terms:
     def weighted_sum(factors, row_ok):
-        return {n: _weigh(v, factors[n], row_ok) for n, v in per_example.items()}
+        return {n: weigh_rows(v, factors[n], row_ok) for n, v in per_example.items()}
 
     return Terms({n: _sq(v) for n, v in per_example.items()}, weighted_sum, branch)
 
