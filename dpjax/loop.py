@@ -149,7 +149,9 @@ class Progress:
 
 
 def _split_validation(ds, fraction: float, seed: int):
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
+    # spawn_key keeps this stream apart from the sampler's SeedSequence([seed, step])
+    # (entropy [seed, 0xDA7A] was the sampler's stream of step 55930).
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0xDA7A,)))
     perm = rng.permutation(len(ds.x_train))
     n_val = max(1, int(round(fraction * len(perm))))
     val, train = perm[:n_val], perm[n_val:]

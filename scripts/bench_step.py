@@ -1,7 +1,8 @@
 """Median time of a non-private and a DP-SGD (vmap clipping) step, and their ratio.
 
 Models: the MLP 784-512-512-10 and the DP CNN of the literature, batch 256 on
-28x28x1 inputs, SGD. Both steps are measured in this one run on this machine.
+28x28x1 inputs, SGD. Both steps are measured in this one run on this machine,
+alternating step by step.
 
     python scripts/bench_step.py [--batch-size 256] [--repeats 30] [--models mlp dp_cnn]
 """
@@ -22,16 +23,19 @@ from dpjax.models import get_model
 from dpjax.train import cross_entropy_loss, init_state, make_dp_step, make_nonprivate_step
 
 
-def median_step_time(step, state, batch, mask, repeats: int) -> tuple[float, object]:
-    state, _ = step.step(state, batch, mask)  # compile
-    jax.block_until_ready(state)
-    times = []
+def median_step_times(steps, states, batch, mask, repeats: int) -> list[float]:
+    """Median time of each step, timed alternately round by round (drift hits all alike)."""
+    for i, step in enumerate(steps):  # compile
+        states[i], _ = step.step(states[i], batch, mask)
+        jax.block_until_ready(states[i])
+    times = [[] for _ in steps]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, _ = step.step(state, batch, mask)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), state
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            states[i], _ = step.step(states[i], batch, mask)
+            jax.block_until_ready(states[i])
+            times[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def bench(model_name: str, batch_size: int, repeats: int, method: str) -> dict:
@@ -46,8 +50,8 @@ def bench(model_name: str, batch_size: int, repeats: int, method: str) -> dict:
     nonprivate = make_nonprivate_step(loss_fn, opt)
     dp = make_dp_step(loss_fn, opt, noise_multiplier=1.0, l2_clip_norm=1.0,
                       expected_batch_size=float(batch_size), clipping_method=method)
-    t_np, _ = median_step_time(nonprivate, init_state(params, opt, 0), (x, y), mask, repeats)
-    t_dp, _ = median_step_time(dp, init_state(params, opt, 0), (x, y), mask, repeats)
+    t_np, t_dp = median_step_times([nonprivate, dp], [init_state(params, opt, 0)] * 2,
+                                   (x, y), mask, repeats)
     n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
     return {"model": model_name, "params": n_params, "nonprivate_ms": 1e3 * t_np,
             "dp_ms": 1e3 * t_dp, "ratio": t_dp / t_np}
