@@ -1,6 +1,6 @@
 """The training state and the jitted DP-SGD step.
 
-One step, as data flows (see DESIGN.md):
+One step, as data flows:
 
     clipped sum   = sum_i mask_i * clip(grad_i, C)        (one or more chunks)
     noisy mean    = (clipped sum + N(0, (sigma*S)^2)) / expected_batch_size
