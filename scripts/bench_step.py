@@ -50,8 +50,9 @@ def bench(model_name: str, batch_size: int, repeats: int, method: str) -> dict:
     nonprivate = make_nonprivate_step(loss_fn, opt)
     dp = make_dp_step(loss_fn, opt, noise_multiplier=1.0, l2_clip_norm=1.0,
                       expected_batch_size=float(batch_size), clipping_method=method)
-    t_np, t_dp = median_step_times([nonprivate, dp], [init_state(params, opt, 0)] * 2,
-                                   (x, y), mask, repeats)
+    # each step donates its state: give each its own copy of the params
+    states = [init_state(jax.tree_util.tree_map(jnp.copy, params), opt, 0) for _ in range(2)]
+    t_np, t_dp = median_step_times([nonprivate, dp], states, (x, y), mask, repeats)
     n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
     return {"model": model_name, "params": n_params, "nonprivate_ms": 1e3 * t_np,
             "dp_ms": 1e3 * t_dp, "ratio": t_dp / t_np}
