@@ -19,28 +19,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from dpjax import _validate
+from dpjax.clip_math import (
+    LossFn,
+    PyTree,
+    clip_factors,
+    count_nonfinite,
+    group_factors,
+    group_leaves,
+    per_example_grads,
+    sensitivity,
+    sq_norms,
+    weigh_rows,
+    zero_bad_rows,
+)
 
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
 ClippedGradFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]]
 
 METHODS = ("vmap", "fast", "auto")
-
-
-def sensitivity(l2_clip_norm: float | PyTree) -> float:
-    """The L2 sensitivity of a clipped sum: ``C``, or ``sqrt(sum_g C_g^2)`` per layer."""
-    norms = jax.tree_util.tree_leaves(l2_clip_norm)
-    if not norms:
-        raise ValueError(f"Expected l2_clip_norm={l2_clip_norm!r} to hold at least one bound.")
-    for c in norms:
-        _validate.positive("l2_clip_norm", c)
-    return math.sqrt(sum(float(c) ** 2 for c in norms))
 
 
 def per_layer_clip_norms(params: PyTree, l2_clip_norm: float, depth: int = 2) -> PyTree:
@@ -63,74 +63,6 @@ def per_layer_clip_norms(params: PyTree, l2_clip_norm: float, depth: int = 2) ->
     return jax.tree_util.tree_map(lambda _: l2_clip_norm / math.sqrt(g), groups)
 
 
-def per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
-    """Gradients of each example's loss, stacked on a leading axis [B, ...]."""
-
-    def single_loss(p, example):
-        one = jax.tree_util.tree_map(lambda a: a[None], example)
-        return loss_fn(p, one)[0]
-
-    return jax.vmap(jax.grad(single_loss), in_axes=(None, 0))(params, batch)
-
-
-def _group_leaves(l2_clip_norm: PyTree, tree: PyTree) -> tuple[list[float], list[PyTree]]:
-    """Pairs each clip bound with the subtree of ``tree`` it governs."""
-    bounds, clip_def = jax.tree_util.tree_flatten(l2_clip_norm)
-    try:
-        groups = clip_def.flatten_up_to(tree)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"Expected l2_clip_norm to be a float or a pytree prefix of the params; "
-            f"got structure {clip_def}: {err}"
-        ) from None
-    return bounds, groups
-
-
-def sq_norms(tree: PyTree) -> jax.Array:
-    """Per-example squared L2 norm of a stacked pytree [B, ...] -> [B]."""
-    return sum(
-        jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
-        for leaf in jax.tree_util.tree_leaves(tree)
-    )
-
-
-def clip_factors(norms: jax.Array, mask: jax.Array, l2_clip_norm: float) -> jax.Array:
-    """``mask_i * min(1, C / norm_i)``, and 0 where ``norm_i`` is not finite."""
-    safe = jnp.where(jnp.isfinite(norms), norms, 0.0)
-    factor = jnp.minimum(1.0, l2_clip_norm / jnp.maximum(safe, 1e-30))
-    return jnp.where(jnp.isfinite(norms), factor, 0.0) * mask.astype(factor.dtype)
-
-
-def group_factors(
-    group_sq: list[jax.Array], mask: jax.Array, bounds: list[float]
-) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
-    """``(norms, row_ok, factors)`` from each clipping group's squared norms [B].
-
-    ``norms`` are the global norms, ``row_ok`` says where they are finite, and
-    each group's factor is ``mask_i * min(1, bound / group_norm_i)``, 0 where
-    ``row_ok`` is False. Both clipping paths weigh rows with these factors.
-    """
-    norms = jnp.sqrt(sum(group_sq))
-    row_ok = jnp.isfinite(norms)
-    factors = [
-        clip_factors(jnp.sqrt(sq), mask, bound) * row_ok
-        for bound, sq in zip(bounds, group_sq, strict=True)
-    ]
-    return norms, row_ok, factors
-
-
-def zero_bad_rows(x: jax.Array, row_ok: jax.Array) -> jax.Array:
-    """``x`` [B, ...] with the rows where ``row_ok`` is False set to 0 (no ``0 * NaN``)."""
-    return jnp.where(row_ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
-
-
-def weigh_rows(per_example: jax.Array, factor: jax.Array, row_ok: jax.Array) -> jax.Array:
-    """``sum_i factor_i * per_example_i`` over the rows that are finite."""
-    return jnp.tensordot(
-        factor.astype(per_example.dtype), zero_bad_rows(per_example, row_ok), axes=1
-    )
-
-
 def clip_and_sum(
     grads: PyTree, mask: jax.Array, l2_clip_norm: float | PyTree
 ) -> tuple[PyTree, jax.Array]:
@@ -141,7 +73,7 @@ def clip_and_sum(
     Returns ``(clipped_sum, per_example_norms)`` with the global norms before
     clipping.
     """
-    bounds, groups = _group_leaves(l2_clip_norm, grads)
+    bounds, groups = group_leaves(l2_clip_norm, grads)
     norms, row_ok, factors = group_factors([sq_norms(g) for g in groups], mask, bounds)
     summed_groups = [
         jax.tree_util.tree_map(lambda leaf, f=factor: weigh_rows(leaf, f, row_ok), sub)
@@ -149,11 +81,6 @@ def clip_and_sum(
     ]
     clip_def = jax.tree_util.tree_structure(l2_clip_norm)
     return jax.tree_util.tree_unflatten(clip_def, summed_groups), norms
-
-
-def count_nonfinite(per_example_norms: jax.Array, mask: jax.Array) -> jax.Array:
-    """How many unmasked rows had a non-finite gradient (and were dropped)."""
-    return jnp.sum((~jnp.isfinite(per_example_norms)) & (mask > 0))
 
 
 def _check_mask(batch: PyTree, mask: jax.Array) -> int:
@@ -202,7 +129,7 @@ def clipped_grad(
 
     chunk = vmap_chunk
     if method in ("fast", "auto"):
-        from dpjax.fast_clipping import make_chunk  # noqa: PLC0415  (imports this module)
+        from dpjax.fast_clipping import make_chunk  # noqa: PLC0415  (flax: keep `import dpjax` light)
 
         chunk = make_chunk(loss_fn, l2_clip_norm=l2_clip_norm, method=method, fallback=vmap_chunk)
 
@@ -238,3 +165,19 @@ def _microbatched(chunk_fn, params, batch, mask, microbatch_size: int):
 
     total, norms = jax.lax.scan(body, zero, chunks)
     return total, norms.reshape(b)
+
+
+__all__ = [
+    "METHODS",
+    "clip_and_sum",
+    "clip_factors",
+    "clipped_grad",
+    "count_nonfinite",
+    "group_factors",
+    "per_example_grads",
+    "per_layer_clip_norms",
+    "sensitivity",
+    "sq_norms",
+    "weigh_rows",
+    "zero_bad_rows",
+]

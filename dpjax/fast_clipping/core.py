@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from dpjax import _validate
-from dpjax.clipping import (
+from dpjax.clip_math import (
     LossFn,
-    _group_leaves,
     group_factors,
+    group_leaves,
     per_example_grads,
     sq_norms,
     weigh_rows,
@@ -95,7 +95,7 @@ def fast_clip_and_sum(
         branches += [(names[i], WHOLE_MODEL_VMAP) for i in plan.leftover]
 
     index_tree = jax.tree_util.tree_unflatten(treedef, list(range(len(leaves))))
-    bounds, groups = _group_leaves(l2_clip_norm, index_tree)
+    bounds, groups = group_leaves(l2_clip_norm, index_tree)
     group_members = [jax.tree_util.tree_leaves(g) for g in groups]
     norms, row_ok, factors = group_factors(
         [sum(leaf_sq[i] for i in members) for members in group_members], mask, bounds

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
-from dpjax.clipping import sq_norms as _sq
-from dpjax.clipping import weigh_rows, zero_bad_rows
+from dpjax.clip_math import sq_norms as _sq
+from dpjax.clip_math import weigh_rows, zero_bad_rows
 from dpjax.fast_clipping.capture import Call, Captured, Layer
 
 Weigher = Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
