@@ -26,15 +26,25 @@ INT32_LIMIT = 2**31
 
 
 def max_encoded_magnitude(max_abs: float, scale: float) -> float:
-    """Largest ``|encode(x)|`` (as a signed integer) for ``|x| <= max_abs``."""
-    return float(np.floor(max_abs * scale)) + 1.0
+    """Largest ``|encode(x)|`` (as a signed integer) for ``|x| <= max_abs``.
+
+    Computed in the arithmetic :func:`encode` uses: the clamp bound and the scale
+    are float32, so ``max_abs`` may round *up* (1073741822.0 becomes 2^30), and
+    the product ``x * scale`` is a float32 product, monotone in ``|x|``; its floor
+    plus one bounds both rounding modes.
+    """
+    bound = np.float32(max_abs)
+    product = np.float32(bound) * np.float32(scale)
+    return float(np.floor(np.float64(product))) + 1.0
 
 
 def check_no_wrap(max_abs: float, scale: float, num_parties: int) -> None:
     """Raises ``ValueError`` unless ``num_parties`` encoded values can never wrap.
 
-    Bound used: ``num_parties * (floor(max_abs * scale) + 1) < 2^31``, where
-    ``floor(max_abs * scale) + 1`` bounds each rounded ``|x| * scale``.
+    Bound used: ``num_parties * (floor(fl32(fl32(max_abs) * fl32(scale))) + 1) < 2^31``,
+    where the float32 rounding is that of :func:`encode`'s clamp and product (a
+    bound computed in float64 can be passed by values the float32 clamp lets
+    through).
     """
     _validate.non_negative("max_abs", max_abs)
     _validate.positive("scale", scale)
@@ -43,7 +53,8 @@ def check_no_wrap(max_abs: float, scale: float, num_parties: int) -> None:
     if not total < INT32_LIMIT:
         raise ValueError(
             f"Expected num_parties * (floor(max_abs * scale) + 1) = {num_parties} * "
-            f"(floor({max_abs} * {scale}) + 1) = {total:.6g} < 2^31 = {INT32_LIMIT}: "
+            f"(floor({max_abs} * {scale}) + 1) = {total:.10g} (in float32 arithmetic) "
+            f"< 2^31 = {INT32_LIMIT}: "
             "the sum could wrap around Z_2^32. Lower scale or bound the inputs."
         )
 
@@ -97,7 +108,8 @@ def encode(
         check_no_wrap(float(jnp.max(jnp.abs(x), initial=0.0)), scale, num_parties)
     else:
         check_no_wrap(max_abs, scale, num_parties)
-        x = jnp.clip(x, -max_abs, max_abs)
+        bound = jnp.float32(max_abs)  # the bound check_no_wrap checked, in the same dtype
+        x = jnp.clip(x, -bound, bound)
     scaled = x * jnp.float32(scale)
     if key is None:
         return _to_uint32(jnp.round(scaled))

@@ -75,3 +75,37 @@ def test_quantization_error_bound_values():
     assert quantization_error_bound(100, 2.0**16, stochastic=False) == 50 / 2**16
     with pytest.raises(ValueError, match="scale"):
         quantization_error_bound(10, 0.0)
+
+
+def test_the_wrap_guard_holds_in_the_float32_arithmetic_of_the_clamp():
+    """1073741822.0 rounds up to 2^30 in float32: two parties at the bound used to pass the
+    guard and decode to -2.147e9 instead of +2.147e9."""
+    with pytest.raises(ValueError, match="could wrap"):
+        encode(jnp.full((2, 1), 1073741822.0), 1.0, max_abs=1073741822.0, num_parties=2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 3.0, 1 / 3])
+def test_every_accepted_bound_decodes_parties_at_the_bound_without_wrapping(scale):
+    """Near the 2^31 boundary, for bounds just below and above it: whenever check_no_wrap
+    accepts (max_abs, scale, n), n parties all at +max_abs (and all at -max_abs), stochastically
+    rounded up, decode to their true sum."""
+    rng = np.random.default_rng(0)
+    accepted = refused = 0
+    for n in (1, 2, 3, 7):
+        edge = 2.0**31 / n / scale
+        for max_abs in edge * (1 + rng.uniform(-3e-7, 3e-7, 40)):
+            try:
+                check_no_wrap(float(max_abs), scale, n)
+            except ValueError:
+                refused += 1
+                continue
+            accepted += 1
+            for sign in (1.0, -1.0):
+                x = jnp.full((n, 1), sign * float(max_abs) * 1.0000001, jnp.float32)
+                e = encode(x, scale, max_abs=float(max_abs), num_parties=n,
+                           key=jax.random.PRNGKey(1))
+                total = float(decode(jnp.sum(e, axis=0, dtype=jnp.uint32), scale)[0])
+                assert np.sign(total) == sign, (n, max_abs, scale, total)
+                clamp = float(np.float32(max_abs))
+                assert abs(total - sign * n * clamp) <= n / scale + 1e-6 * n * clamp
+    assert accepted > 20 and refused > 20  # both sides of the boundary were tried
