@@ -9,21 +9,22 @@ import numpy as np
 
 from dpjax.data import _checks
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import check_scheme, normalize_splits
+from dpjax.data.normalize import PublicStats, check_scheme, normalize_splits
 
 _DIGITS_MAX_VALUE = 16.0
 
 
 def load_digits(
-    *, test_fraction: float = 0.2, seed: int = 0, normalize: str = "standardize"
+    *, test_fraction: float = 0.2, seed: int = 0, normalize: str = "scale"
 ) -> Dataset:
     """The 1,797 8x8 handwritten digits bundled with scikit-learn (no download).
 
     Args:
       test_fraction: share of the examples held out for the test split.
       seed: seed of the permutation that assigns examples to the splits.
-      normalize: ``"standardize"`` (train statistics), ``"scale"`` (raw
-        values 0..16 divided by 16) or ``"none"``.
+      normalize: ``"scale"`` (raw values 0..16 divided by 16, the default) or
+        ``"none"``. There is no public sample to take standardization constants
+        from, and statistics of the training split are not public.
 
     Returns:
       A :class:`Dataset` named ``"digits"``, input shape ``(8, 8, 1)``, 10 classes.
@@ -81,7 +82,9 @@ def load_synthetic(
         classes identical).
       noise: standard deviation of the within-class noise.
       seed: the seed everything is drawn from.
-      normalize: ``"none"`` (default) or ``"standardize"`` (train statistics).
+      normalize: ``"none"`` (default) or ``"standardize"`` with the mixture's
+        population statistics (:func:`mixture_stats`: a function of the class
+        means and ``noise``, not of the drawn examples).
 
     Returns:
       A :class:`Dataset` named ``"synthetic"``.
@@ -93,7 +96,8 @@ def load_synthetic(
     _checks.finite_non_negative("separation", separation)
     _checks.finite_non_negative("noise", noise)
     _checks.seed("seed", seed)
-    check_scheme(normalize)
+    if normalize not in ("none", "standardize"):
+        check_scheme(normalize)
     means_rng, train_rng, test_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )
@@ -101,8 +105,20 @@ def load_synthetic(
     means = scale * means_rng.standard_normal((num_classes, *shape))
     x_train, y_train = _mixture_samples(train_rng, means, noise, num_train)
     x_test, y_test = _mixture_samples(test_rng, means, noise, num_test)
-    x_train, x_test = normalize_splits(x_train, x_test, normalize)
+    x_train, x_test = normalize_splits(x_train, x_test, normalize,
+                                       stats=mixture_stats(means, noise))
     return Dataset(x_train, y_train, x_test, y_test, num_classes=num_classes, name="synthetic")
+
+
+def mixture_stats(means: np.ndarray, noise: float) -> PublicStats:
+    """Per-channel population mean and standard deviation of the mixture (uniform class
+    weights): ``m = E_c,pos[mu_c]``, ``var = noise^2 + E_c,pos[(mu_c - m)^2]``. They depend
+    on the generator's parameters only, never on the drawn examples."""
+    flat = means.reshape(-1, means.shape[-1])
+    mean = flat.mean(axis=0)
+    std = np.sqrt(noise**2 + np.square(flat - mean).mean(axis=0))
+    std = np.where(std > 0, std, 1.0)
+    return PublicStats(tuple(mean), tuple(std), "synthetic mixture's population statistics")
 
 
 def _synthetic_shape(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import check_scheme, normalize_splits
+from dpjax.data.normalize import PublicStats, check_scheme, normalize_splits
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -27,6 +27,16 @@ IDX_FILES = {
 }
 _PIXEL_MAX_VALUE = 255.0
 _NUM_CLASSES = 10
+# Per-pixel constants in raw units (0..255), as published with the datasets' standard
+# training pipelines (torchvision's MNIST example: 0.1307 / 0.3081 of 255; the
+# Fashion-MNIST benchmark's 0.2860 / 0.3530). They are fixed numbers, so one example
+# of *your* files can never move another's features.
+PUBLIC_STATS = {
+    "mnist": PublicStats((0.1307 * 255,), (0.3081 * 255,),
+                         "MNIST training-set statistics published with torchvision's example"),
+    "fashion_mnist": PublicStats((0.2860 * 255,), (0.3530 * 255,),
+                                 "Fashion-MNIST training-set statistics as commonly published"),
+}
 
 
 def load_mnist(*, data_dir: str | os.PathLike[str], normalize: str = "standardize") -> Dataset:
@@ -49,8 +59,9 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike[str], normalize: str
       data_dir: directory holding ``train-images-idx3-ubyte``,
         ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
         ``t10k-labels-idx1-ubyte``, each raw or with ``.gz``.
-      normalize: ``"standardize"`` (train statistics), ``"scale"`` (pixels
-        divided by 255) or ``"none"``.
+      normalize: ``"standardize"`` (the dataset's published constants,
+        :data:`PUBLIC_STATS`, never statistics of the files read), ``"scale"``
+        (pixels divided by 255) or ``"none"``.
 
     Returns:
       A :class:`Dataset` with input shape ``(rows, cols, 1)`` (28x28 for MNIST).
@@ -60,7 +71,8 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike[str], normalize: str
       ValueError: a file is not a valid IDX file of the expected kind, or the
         image and label counts differ.
     """
-    check_scheme(normalize, max_value=_PIXEL_MAX_VALUE)
+    stats = PUBLIC_STATS[name]
+    check_scheme(normalize, max_value=_PIXEL_MAX_VALUE, stats=stats)
     directory = Path(data_dir).expanduser()
     paths = {key: find_idx_file(directory, base, name) for key, base in IDX_FILES.items()}
     splits = {}
@@ -80,7 +92,8 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike[str], normalize: str
             )
         splits[split] = (images[..., None], labels.astype(np.int32))
     x_train, x_test = normalize_splits(
-        splits["train"][0], splits["test"][0], normalize, max_value=_PIXEL_MAX_VALUE
+        splits["train"][0], splits["test"][0], normalize, max_value=_PIXEL_MAX_VALUE,
+        stats=stats,
     )
     return Dataset(
         x_train, splits["train"][1], x_test, splits["test"][1], num_classes=_NUM_CLASSES, name=name

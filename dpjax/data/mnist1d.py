@@ -1,11 +1,18 @@
 """MNIST-1D, generated locally with the ``mnist1d`` package and cached on disk.
 
 The ``mnist1d`` package can also download a pickle; that path is never used
-here. Generation calls its ``make_dataset`` with the package's default
-transformation arguments, changing only the number of samples and the seed.
-The generator's output (all samples, before any split) is cached as an
-``.npz`` file whose name holds the format version and every generation
-argument, written atomically (temporary file, then ``os.replace``).
+here. Generation runs the package's own generator (its templates and
+``transform``, seeded as its ``make_dataset`` seeds them) with the package's
+default transformation arguments, changing only the number of samples and the
+seed, and stops *before* the package's final step, which standardizes with the
+mean and standard deviation of all samples: that would make every example's
+features depend on every other example (training and test), outside the
+mechanism. The raw output is standardized here with public constants instead
+(:data:`PUBLIC_STATS`: statistics of an independently generated public sample).
+
+The raw output (all samples, before any split) is cached as an ``.npz`` file
+whose name holds the format version and every generation argument, written
+atomically (temporary file, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -23,12 +30,20 @@ import numpy as np
 
 from dpjax.data import _checks
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import check_scheme, normalize_splits
+from dpjax.data.normalize import PublicStats, check_scheme, normalize_splits
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the raw generator output (1 held the package-standardized one)
 SEQUENCE_LENGTH = 40
 NUM_CLASSES = 10
 CACHE_DIR_ENV = "DPJAX_CACHE_DIR"
+PUBLIC_SAMPLE = {"num_samples": 10_000, "seed": 2020}
+# Mean and standard deviation of the raw generator output over PUBLIC_SAMPLE: 10,000
+# samples generated with seed 2020, independently of any dataset drawn with another seed
+# (the default data seed is 42). tests/data/test_mnist1d.py regenerates them.
+PUBLIC_STATS = PublicStats(
+    (-0.006043231843919859,), (0.15470851248717066,),
+    "raw MNIST-1D statistics of an independent public sample (10,000 samples, seed 2020)",
+)
 
 
 def load_mnist1d(
@@ -53,9 +68,8 @@ def load_mnist1d(
       seed: the generator's seed (the package's default is 42).
       cache_dir: directory of the cache; default ``$DPJAX_CACHE_DIR/mnist1d``
         if that variable is set, else ``~/.cache/dpjax/mnist1d``.
-      normalize: ``"standardize"`` (train statistics) or ``"none"`` (the
-        generator's output, which it standardized with one mean and standard
-        deviation over all samples).
+      normalize: ``"standardize"`` (the public constants :data:`PUBLIC_STATS`)
+        or ``"none"`` (the raw generator output).
 
     Returns:
       A :class:`Dataset` named ``"mnist1d"``, input shape ``(40, 1)``, 10 classes.
@@ -68,10 +82,11 @@ def load_mnist1d(
         )
     _checks.open_fraction("test_fraction", test_fraction)
     _checks.seed("seed", seed)
-    check_scheme(normalize)
+    check_scheme(normalize, stats=PUBLIC_STATS)
     num_train, _ = _checks.split_sizes("test_fraction", num_samples, test_fraction)
     x, y = cached_samples(num_samples, seed, resolve_cache_dir(cache_dir))
-    x_train, x_test = normalize_splits(x[:num_train, :, None], x[num_train:, :, None], normalize)
+    x_train, x_test = normalize_splits(x[:num_train, :, None], x[num_train:, :, None], normalize,
+                                       stats=PUBLIC_STATS)
     return Dataset(
         x_train, y[:num_train], x_test, y[num_train:], num_classes=NUM_CLASSES, name="mnist1d"
     )
@@ -119,22 +134,37 @@ def generator_args(num_samples: int, seed: int) -> dict[str, Any]:
 
 
 def generate(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run the ``mnist1d`` generator (no download); shuffled samples and labels.
+    """The ``mnist1d`` generator's raw samples and labels (no download), shuffled.
 
-    The generator seeds and draws from the global ``random`` and
+    The same draws as the package's ``make_dataset`` (same seeding, templates,
+    ``transform`` calls and shuffles) without its final standardization over all
+    samples. The generator seeds and draws from the global ``random`` and
     ``numpy.random`` states; they are restored afterwards so that loading a
     dataset does not change the caller's random streams.
     """
-    from mnist1d.data import make_dataset
-    from mnist1d.utils import ObjectView
+    from mnist1d.data import get_templates
+    from mnist1d.transform import transform
+    from mnist1d.utils import ObjectView, set_seed
 
+    args = ObjectView(generator_args(num_samples, seed))
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        data = make_dataset(ObjectView(generator_args(num_samples, seed)))
+        set_seed(args.seed)
+        templates = get_templates()
+        xs, ys = [], []
+        for label_ix in range(len(templates["y"])):
+            for _ in range(args.num_samples // len(templates["y"])):
+                x, _ = transform(templates["x"][label_ix], templates["t"], args)
+                xs.append(x)
+                ys.append(templates["y"][label_ix])
+        shuffle = np.random.permutation(len(ys))
+        x, y = np.stack(xs)[shuffle], np.stack(ys)[shuffle]
+        if args.shuffle_seq:
+            x = x[..., np.random.permutation(args.final_seq_length)]
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-    return np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int32)
+    return np.asarray(x, np.float32), np.asarray(y, np.int32)
 
 
 def _read_cache(path: Path, num_samples: int) -> tuple[np.ndarray, np.ndarray] | None:

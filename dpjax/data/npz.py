@@ -10,16 +10,20 @@ import numpy as np
 
 from dpjax.data import _checks
 from dpjax.data.dataset import Dataset
-from dpjax.data.normalize import check_scheme, normalize_splits
+from dpjax.data.normalize import check_scheme, normalize_splits, user_stats
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+CLASS_NAMES = "class_names"  # optional array: the public list of labels
 
 
 def load_npz(
     *,
     path: str | os.PathLike[str],
     num_classes: int | None = None,
-    normalize: str = "standardize",
+    normalize: str = "none",
+    mean: float | list[float] | None = None,
+    std: float | list[float] | None = None,
+    max_value: float | None = None,
 ) -> Dataset:
     """A dataset from the arrays ``x_train, y_train, x_test, y_test`` in ``path``.
 
@@ -28,17 +32,34 @@ def load_npz(
     vectors); labels are integers in ``[0, num_classes)``. The file is read
     with ``allow_pickle=False``.
 
+    Nothing about the model or other examples is inferred from the training
+    data (privacy rule 2b): the number of classes comes from ``num_classes`` or
+    from a public label list stored in the file as ``class_names`` (never from
+    ``max(y_train) + 1``, which one example labelled 7 would change), and
+    normalization uses constants you give, never the data's own statistics.
+
     Args:
       path: the ``.npz`` file.
-      num_classes: number of classes; default ``max(y_train) + 1``.
-      normalize: ``"standardize"`` (train statistics) or ``"none"``.
+      num_classes: number of classes; required unless the file holds
+        ``class_names``.
+      normalize: ``"none"`` (default), ``"standardize"`` with ``mean`` and
+        ``std`` (per channel, last axis; public constants, not statistics of
+        this file) or ``"scale"`` (divide by ``max_value``, the format's fixed
+        maximum, e.g. 255).
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
       ValueError: the file is not an ``.npz`` archive, lacks an array, or the
-        arrays have the wrong dtypes or inconsistent shapes.
+        arrays have the wrong dtypes or inconsistent shapes; the number of
+        classes is neither given nor in the file; ``standardize`` without
+        ``mean`` and ``std``.
     """
-    check_scheme(normalize)
+    stats = user_stats(mean, std)
+    if max_value is not None:
+        _checks.finite_non_negative("max_value", max_value)
+        if max_value == 0:
+            raise ValueError(f"Expected max_value={max_value!r} to be > 0.")
+    check_scheme(normalize, max_value=max_value, stats=stats)
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(
@@ -62,10 +83,9 @@ def load_npz(
                 f"Expected x_{split} and y_{split} in {file} to have the same number of "
                 f"examples; got {x.shape[0]} and {y.shape[0]}."
             )
-    if num_classes is None:
-        num_classes = int(arrays["y_train"].max(initial=0)) + 1
-    _checks.int_at_least("num_classes", num_classes, 2)
-    x_train, x_test = normalize_splits(arrays["x_train"], arrays["x_test"], normalize)
+    num_classes = _num_classes(num_classes, arrays.get(CLASS_NAMES), file)
+    x_train, x_test = normalize_splits(arrays["x_train"], arrays["x_test"], normalize,
+                                       max_value=max_value, stats=stats)
     return Dataset(
         x_train,
         _labels(arrays["y_train"], num_classes, "y_train", file),
@@ -87,11 +107,32 @@ def _read_arrays(file: Path) -> dict[str, np.ndarray]:
                 raise ValueError(
                     f"it lacks {', '.join(missing)} (found {', '.join(archive.files) or 'none'})"
                 )
-            return {name: archive[name] for name in ARRAYS}
+            names = ARRAYS + ((CLASS_NAMES,) if CLASS_NAMES in archive.files else ())
+            return {name: archive[name] for name in names}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
         raise ValueError(
             f"Expected {file} to be an .npz file with arrays {', '.join(ARRAYS)}: {error}"
         ) from error
+
+
+def _num_classes(num_classes: int | None, class_names: np.ndarray | None, file: Path) -> int:
+    if class_names is not None:
+        if class_names.ndim != 1:
+            raise ValueError(f"Expected {CLASS_NAMES} in {file} to be a 1-D array of labels.")
+        if num_classes is not None and num_classes != len(class_names):
+            raise ValueError(
+                f"Expected num_classes={num_classes} to equal the {len(class_names)} "
+                f"{CLASS_NAMES} in {file}."
+            )
+        num_classes = len(class_names)
+    if num_classes is None:
+        raise ValueError(
+            f"Expected num_classes (dataset.options.num_classes=...) for {file}, or a public "
+            f"label list stored in it as '{CLASS_NAMES}': it is never inferred from the "
+            "training labels, which would let one example change the model's shape."
+        )
+    _checks.int_at_least("num_classes", num_classes, 2)
+    return int(num_classes)
 
 
 def _labels(y: np.ndarray, num_classes: int, name: str, file: Path) -> np.ndarray:

@@ -43,7 +43,7 @@ def test_missing_required_option_is_named(name, option):
 
 def test_loader_options_reports_accepted_and_required():
     accepted, required = loader_options("npz")
-    assert accepted == ("path", "num_classes", "normalize")
+    assert accepted == ("path", "num_classes", "normalize", "mean", "std", "max_value")
     assert required == ("path",)
 
 

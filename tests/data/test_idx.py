@@ -29,9 +29,12 @@ def test_idx_scale_and_standardize_use_pixel_values(idx_dir):
     scaled = load_dataset("mnist", data_dir=str(directory), normalize="scale")
     np.testing.assert_allclose(scaled.x_train[..., 0], arrays["train-images-idx3-ubyte"] / 255.0)
     standardized = load_dataset("mnist", data_dir=directory)
-    train = arrays["train-images-idx3-ubyte"].astype(np.float64)
-    expected = (arrays["t10k-images-idx3-ubyte"] - train.mean()) / train.std()
+    # the published MNIST constants (0.1307, 0.3081 of 255), never the files' statistics
+    expected = (arrays["t10k-images-idx3-ubyte"] - 0.1307 * 255) / (0.3081 * 255)
     np.testing.assert_allclose(standardized.x_test[..., 0], expected, rtol=1e-5, atol=1e-5)
+    fashion = load_dataset("fashion_mnist", data_dir=directory)
+    expected = (arrays["train-images-idx3-ubyte"] - 0.2860 * 255) / (0.3530 * 255)
+    np.testing.assert_allclose(fashion.x_train[..., 0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_idx_missing_file_names_the_path_and_the_expected_files(idx_dir):

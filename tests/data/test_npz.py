@@ -24,7 +24,7 @@ def _write(tmp_path, arrays, name="data.npz"):
 
 def test_npz_round_trip(tmp_path):
     arrays = _arrays()
-    dataset = load_dataset("npz", path=_write(tmp_path, arrays), normalize="none")
+    dataset = load_dataset("npz", path=_write(tmp_path, arrays), num_classes=4)
     assert dataset.name == "npz" and dataset.num_classes == 4
     assert dataset.input_shape == (5, 2)
     assert dataset.x_test.dtype == np.float32 and dataset.y_test.dtype == np.int32
@@ -32,26 +32,44 @@ def test_npz_round_trip(tmp_path):
     np.testing.assert_array_equal(dataset.y_test, arrays["y_test"])
 
 
-def test_npz_num_classes_option_overrides_inference(tmp_path):
+def test_npz_num_classes_option_gives_the_classes(tmp_path):
     dataset = load_dataset("npz", path=str(_write(tmp_path, _arrays())), num_classes=7)
     assert dataset.num_classes == 7
 
 
-def test_npz_test_label_beyond_inferred_classes_asks_for_num_classes(tmp_path):
+def test_npz_label_beyond_the_classes_asks_for_num_classes(tmp_path):
     arrays = _arrays()
     arrays["y_test"][0] = 4
     path = _write(tmp_path, arrays)
     with pytest.raises(ValueError, match=r"y_test .* in \[0, 4\); found min=0, max=4\. Pass"):
-        load_dataset("npz", path=path)
+        load_dataset("npz", path=path, num_classes=4)
 
 
-def test_npz_normalized_train_data_does_not_depend_on_the_test_split(tmp_path):
-    arrays = _arrays()
-    other = dict(arrays, x_test=arrays["x_test"][:2] * 100.0 + 7.0, y_test=arrays["y_test"][:2])
-    a = load_dataset("npz", path=_write(tmp_path, arrays, "a.npz"))
-    b = load_dataset("npz", path=_write(tmp_path, other, "b.npz"))
-    np.testing.assert_array_equal(a.x_train, b.x_train)
-    np.testing.assert_allclose(a.x_train.reshape(-1, 2).mean(0), 0.0, atol=1e-6)
+def test_npz_num_classes_is_never_inferred_from_the_training_labels(tmp_path):
+    """One extra example labelled 7 used to change the output width from 2 to 8."""
+    with pytest.raises(ValueError, match=r"Expected num_classes .* never inferred"):
+        load_dataset("npz", path=_write(tmp_path, _arrays()))
+
+
+def test_npz_a_public_label_list_in_the_file_gives_the_classes(tmp_path):
+    arrays = dict(_arrays(), class_names=np.array(["a", "b", "c", "d", "e"]))
+    dataset = load_dataset("npz", path=_write(tmp_path, arrays))
+    assert dataset.num_classes == 5
+    with pytest.raises(ValueError, match="num_classes=4 to equal the 5 class_names"):
+        load_dataset("npz", path=_write(tmp_path, arrays), num_classes=4)
+
+
+def test_npz_standardize_needs_supplied_constants_and_uses_them(tmp_path):
+    path = _write(tmp_path, _arrays())
+    with pytest.raises(ValueError, match="public statistics"):
+        load_dataset("npz", path=path, num_classes=4, normalize="standardize")
+    raw = load_dataset("npz", path=path, num_classes=4)
+    std = load_dataset("npz", path=path, num_classes=4, normalize="standardize",
+                       mean=[1.0, -1.0], std=[2.0, 0.5])
+    np.testing.assert_allclose(std.x_train, (raw.x_train - [1.0, -1.0]) / [2.0, 0.5],
+                               rtol=1e-6)
+    scaled = load_dataset("npz", path=path, num_classes=4, normalize="scale", max_value=4.0)
+    np.testing.assert_allclose(scaled.x_train, raw.x_train / 4.0, rtol=1e-6)
 
 
 def test_npz_missing_file_names_the_path(tmp_path):
