@@ -2,12 +2,19 @@
 
 The physical batch is sharded along its leading axis over a one-axis
 :class:`jax.sharding.Mesh` (axis ``"batch"``); the state is replicated. The
-jitted step is the single-device step re-jitted with these in/out shardings,
-so XLA partitions whatever clipping function it contains (vmap or fast): each
-device clips its own rows, the per-device clipped sums are added by an
-all-reduce, and the noise, drawn from the replicated key of the step, is the
-same on every device. The update equals the single-device update up to the
-summation order of floats.
+clipped sum is computed with ``shard_map``: each device runs the
+single-device clipping function (vmap or fast) on its own rows, exactly as it
+would on one device, and the per-device sums are added by ``psum`` (an
+all-reduce); the noise, drawn from the replicated key of the step, and the
+optimizer update are the same on every device. The update equals the
+single-device update up to the summation order of floats.
+
+Why ``shard_map`` rather than letting XLA partition the vmapped clipping from
+in/out shardings alone: XLA:CPU's SPMD partitioning of batched convolution
+gradients returned zero per-example gradients for the rows of every device but
+the first (a bare ``jit(vmap(grad(conv_loss)))`` with a batch-sharded input does
+the same), so conv models got wrong updates. With ``shard_map`` nothing inside
+a device's clipping is partitioned, and the data-parallel structure is explicit.
 
 Several processes (``train.distributed=true``, one per GPU under Slurm) see
 one global mesh; each gathers only its slice of every chunk's rows and
@@ -29,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpjax.config import ConfigError
 from dpjax.sampling import Chunk, default_physical_batch_size
-from dpjax.train import DPStep
+from dpjax.train import DPStep, add_sums, combine_stats
 
 log = logging.getLogger("dpjax")
 BATCH_AXIS = "batch"
@@ -161,23 +168,55 @@ def local_copy(tree):
     return jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
 
 
-def shard_step(dp_step: DPStep, mesh: Mesh) -> DPStep:
-    """``dp_step`` re-jitted with the batch sharded and the state replicated.
+def sharded_sum(clipped_sum, mesh: Mesh):
+    """``clipped_sum(params, batch, mask) -> (sum, stats)`` over rows sharded on ``mesh``.
 
-    Agnostic to the clipping function: the shardings only say where rows and
-    parameters live, and XLA partitions the computation (the row sum becomes
-    an all-reduce). The state is still donated.
+    Each device evaluates ``clipped_sum`` on its own rows alone (``shard_map``); the
+    sums are added across devices (``psum``) and the stats combined. Requires only
+    that the sum is additive over disjoint sets of rows, which every clipped sum is.
     """
+    rep, rows = PartitionSpec(), PartitionSpec(BATCH_AXIS)
+
+    def local(params, batch, mask):
+        summed, stats = clipped_sum(params, batch, mask)
+        stacked = jax.tree_util.tree_map(lambda x: x[None], stats)
+        return jax.lax.psum(summed, BATCH_AXIS), stacked
+
+    # check_vma=False: with it, a replicated input used by per-device rows gets an implicit
+    # pvary whose transpose is a psum, so each row's gradient would be summed over devices
+    # inside the per-example vmap (mixing examples) before clipping.
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(rep, rows, rows), out_specs=(rep, rows),
+                           check_vma=False)
+
+    def total(params, batch, mask):
+        summed, stacked = mapped(params, batch, mask)
+        return summed, combine_stats(stacked)
+
+    return total
+
+
+def shard_step(dp_step: DPStep, mesh: Mesh) -> DPStep:
+    """``dp_step`` with its clipped sum computed per device (:func:`sharded_sum`), the batch
+    sharded and the state replicated; the state is still donated."""
     rep = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     wrap = _one_at_a_time if mesh.devices.flat[0].platform == "cpu" else (lambda fn: fn)
+    clipped_sum = sharded_sum(dp_step.clipped_sum, mesh)
+
+    def fused(state, batch, mask):
+        summed, stats = clipped_sum(state.params, batch, mask)
+        return dp_step.apply(state, summed), stats
+
+    def accumulate(params, summed, stats, batch, mask):
+        return add_sums(summed, stats, *clipped_sum(params, batch, mask))
+
     return dataclasses.replace(
         dp_step,
-        step=wrap(jax.jit(dp_step.step, in_shardings=(rep, rows, rows),
-                          out_shardings=(rep, rep), donate_argnums=0)),
-        clipped_sum=wrap(jax.jit(dp_step.clipped_sum, in_shardings=(rep, rows, rows),
+        step=wrap(jax.jit(fused, in_shardings=(rep, rows, rows), out_shardings=(rep, rep),
+                          donate_argnums=0)),
+        clipped_sum=wrap(jax.jit(clipped_sum, in_shardings=(rep, rows, rows),
                                  out_shardings=(rep, rep))),
-        accumulate=wrap(jax.jit(dp_step.accumulate, in_shardings=(rep, rep, rep, rows, rows),
+        accumulate=wrap(jax.jit(accumulate, in_shardings=(rep, rep, rep, rows, rows),
                                 out_shardings=(rep, rep), donate_argnums=(1, 2))),
         apply=wrap(jax.jit(dp_step.apply, in_shardings=(rep, rep), out_shardings=rep,
                            donate_argnums=0)),
