@@ -4,25 +4,36 @@ A checkpoint is one orbax step directory ``<run dir>/checkpoints/<step>/`` with
 two items, neither of them a pickle:
 
 - ``state``: the whole :class:`dpjax.train.TrainState` (params, optimizer
-  state, step, base PRNG key), written by orbax's ``StandardSave``.
+  state, step, and the run's 256-bit secret), written by orbax's ``StandardSave``.
 - ``meta``: JSON: the format version, the accountant's ledger
   (:meth:`dpjax.accounting.Ledger.to_dict`), the run's fingerprint (the config
-  values that decide the trajectory), the state's leaf paths, shapes and
-  dtypes, and the loop's host-side counters.
+  values that decide the trajectory), a fingerprint of the training data keyed
+  with the secret (HMAC-SHA256: it says nothing about the data without the
+  secret), the state's leaf paths, shapes and dtypes, and the loop's host-side
+  counters.
 
-Nothing else needs saving: the sampler is a pure function of ``(seed, step)``
-and the step is in the state; the noise key of step ``t`` is
-``fold_in(key, t)``; there is no other randomness (no dropout, no shuffling
-state). Restoring refuses, with a :class:`CheckpointError`, a checkpoint that
-cannot be read or that another config wrote; it never falls back to a fresh
+Nothing else needs saving: the sampler and the noise of step ``t`` are pure
+functions of ``(secret, t)`` and the step is in the state; there is no other
+randomness (no dropout, no shuffling state). Restoring refuses, with a
+:class:`CheckpointError`, a checkpoint that cannot be read, that another config
+wrote, or that was written for other training data (resuming it would reuse
+the noise of its steps on different data); it never falls back to a fresh
 start.
+
+A checkpoint holds the secret, and whoever has the secret can regenerate and
+subtract the noise of every step: it is as private as the training data. The
+checkpoint directory is created owner-only (0700) and every file in it is
+made owner-only (0600) after each save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +41,44 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 MAX_TO_KEEP = 2
+DATA_FINGERPRINT = "data_fingerprint"
 
 # Keys that change logging, evaluation or placement but not a single parameter bit
 # (the device count changes the summation order, see docs/cluster.md).
 UNFINGERPRINTED = frozenset({
     "name", "train.eval_every", "train.log_every", "train.eval_batch_size",
     "train.checkpoint_every", "train.distributed", "train.devices",
+    "train.nonprivate_diagnostics",
 })
+
+
+def data_fingerprint(secret: Any, *arrays: np.ndarray) -> str:
+    """HMAC-SHA256 of the arrays (shapes, dtypes and bytes) keyed with the run's secret.
+
+    Equal for the same data and secret; without the secret it reveals nothing
+    about the data (it is in the checkpoint, which is private anyway).
+    """
+    from dpjax.randomness import host_secret_words  # noqa: PLC0415
+
+    mac = hmac.new(host_secret_words(secret).astype("<u4").tobytes(), digestmod=hashlib.sha256)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        mac.update(json.dumps([list(a.shape), str(a.dtype)]).encode())
+        mac.update(a.tobytes())
+    return mac.hexdigest()
+
+
+def _owner_only(path: Path) -> None:
+    """Makes ``path`` and everything below it readable by its owner only."""
+    os.chmod(path, 0o700)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o600)
 
 
 class CheckpointError(ValueError):
@@ -112,6 +151,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=MAX_TO_KEEP, create=True, enable_async_checkpointing=False
         )
+        if jax.process_index() == 0:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o700)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as err:
@@ -139,6 +181,8 @@ class Checkpointer:
             ),
         )
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            _owner_only(self.directory)
         return step
 
     def restore_latest(self, template: Any) -> Restored | None:

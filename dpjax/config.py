@@ -16,6 +16,8 @@ ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "fixed_size")
 CLIPPING_METHODS = ("vmap", "fast", "auto")
 AGGREGATIONS = ("sum", "secagg")
+RANDOMNESS = ("secure", "seeded")
+SECAGG_MODES = ("secure", "simulation")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 EVAL_SPLITS = ("test", "validation")
 
@@ -66,7 +68,8 @@ class DPConfig:
     num_parties: int = 1
     secagg_neighbours: int | None = None
     secagg_threshold: int | None = None
-    secagg_mode: str = "secure"
+    secagg_mode: str | None = None  # null: follows randomness (secure -> secure masks)
+    randomness: str = "secure"
 
 
 @dataclasses.dataclass
@@ -83,6 +86,7 @@ class TrainConfig:
     distributed: bool = False
     checkpoint_every: int | None = None
     devices: str = "all"
+    nonprivate_diagnostics: bool = True
 
 
 @dataclasses.dataclass
@@ -159,6 +163,7 @@ def validate(
     _check_choice("dp.sampling", d.sampling, SAMPLINGS)
     _check_choice("dp.clipping", d.clipping, CLIPPING_METHODS)
     _check_choice("dp.aggregation", d.aggregation, AGGREGATIONS)
+    _check_choice("dp.randomness", d.randomness, RANDOMNESS)
     _check_positive("dp.l2_clip_norm", d.l2_clip_norm)
     if not (_finite(d.delta) and 0 < d.delta < 1):
         _fail("dp.delta", d.delta, "in (0, 1)")
@@ -187,7 +192,13 @@ def validate(
     if d.aggregation == "secagg":
         if d.num_parties < 2:
             _fail("dp.num_parties", d.num_parties, "to be >= 2 with dp.aggregation='secagg'")
-        _check_choice("dp.secagg_mode", d.secagg_mode, ("secure", "simulation"))
+        if d.secagg_mode is not None:
+            _check_choice("dp.secagg_mode", d.secagg_mode, SECAGG_MODES)
+        if d.randomness == "secure" and d.secagg_mode == "simulation":
+            _fail("dp.secagg_mode", d.secagg_mode,
+                  "to be 'secure' or null with dp.randomness='secure' (simulation masks are "
+                  "derived from the public train.seed, so the aggregator could unmask every "
+                  "party; use dp.randomness=seeded for simulations)")
         _check_positive("dp.secagg_neighbours", d.secagg_neighbours, allow_none=True,
                         integer=True)
         _check_positive("dp.secagg_threshold", d.secagg_threshold, allow_none=True, integer=True)
@@ -196,6 +207,13 @@ def validate(
         if d.physical_batch_size is not None and d.physical_batch_size % d.num_parties:
             _fail("dp.physical_batch_size", d.physical_batch_size,
                   f"to be a multiple of dp.num_parties={d.num_parties}")
+
+
+def secagg_mode(d: DPConfig) -> str:
+    """The SecAgg mask randomness: ``dp.secagg_mode``, else what ``dp.randomness`` implies."""
+    if d.secagg_mode is not None:
+        return d.secagg_mode
+    return "secure" if d.randomness == "secure" else "simulation"
 
 
 def check_against_dataset(cfg: RunConfig, num_train: int) -> None:

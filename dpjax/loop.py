@@ -2,20 +2,21 @@
 
 ``run_training(cfg, out_dir)`` is the whole job behind ``dpjax-train``; it takes
 plain dataclasses (``dpjax.config.RunConfig``), no Hydra objects. It writes
-``metrics.jsonl`` (one JSON object per logged step) and ``summary.json`` into
-``out_dir``, and checkpoints into ``out_dir/checkpoints`` (:mod:`dpjax.checkpoint`);
-a run started where a checkpoint exists resumes from it. With more than one
-device the step is data-parallel (:mod:`dpjax.distributed`).
+``metrics.jsonl`` (one JSON object per logged step), ``summary.json`` and
+``diagnostics.nonprivate.jsonl`` into ``out_dir`` (what each field is, and why
+it may be published or not: :mod:`dpjax.outputs`), and checkpoints into
+``out_dir/checkpoints`` (:mod:`dpjax.checkpoint`); a run started where a
+checkpoint exists resumes from it. With more than one device the step is
+data-parallel (:mod:`dpjax.distributed`).
 
-Note: the training loss and realized batch size logged to ``metrics.jsonl``
-are computed from private data without noise. They are for debugging; only
-the model parameters carry the reported (epsilon, delta) guarantee.
+The noise and the batches come from the run's secret (:mod:`dpjax.randomness`):
+fresh from the operating system in ``dp.randomness=secure`` mode, derived from
+``train.seed`` in ``seeded`` mode. The secret is kept in the checkpoint only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -28,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import accounting, checkpoint, distributed, preemption, resume
+from dpjax import accounting, checkpoint, distributed, outputs, preemption, randomness, resume
 from dpjax.clipping import per_layer_clip_norms
-from dpjax.config import ConfigError, RunConfig, check_against_dataset, validate
+from dpjax.config import ConfigError, RunConfig, check_against_dataset, secagg_mode, validate
 from dpjax.models import MODELS, check_no_batch_mixing, get_model
 from dpjax.sampling import FixedSizeSampler, PoissonSampler
 from dpjax.train import (
@@ -149,8 +150,8 @@ class Progress:
 
 
 def _split_validation(ds, fraction: float, seed: int):
-    # spawn_key keeps this stream apart from the sampler's SeedSequence([seed, step])
-    # (entropy [seed, 0xDA7A] was the sampler's stream of step 55930).
+    # train.seed is public: the split is reproducible, and the validation examples get
+    # no protection (their metrics go to the non-private diagnostics only).
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0xDA7A,)))
     perm = rng.permutation(len(ds.x_train))
     n_val = max(1, int(round(fraction * len(perm))))
@@ -173,7 +174,7 @@ class Setup:
 
     cfg: RunConfig
     plan: Plan
-    sampler: Any
+    physical_batch_size: int
     step_fn: DPStep
     x_train: np.ndarray
     y_train: np.ndarray
@@ -183,6 +184,25 @@ class Setup:
     loss_fn: Any
     mesh: Any  # jax.sharding.Mesh, or None on one device (the unsharded path)
     checkpointer: checkpoint.Checkpointer
+
+    def sampler(self, secret: randomness.Secret):
+        """The sampler of the configured kind, drawing from ``secret``."""
+        d, plan = self.cfg.dp, self.plan
+        if d.enabled and d.sampling == "fixed_size":
+            return FixedSizeSampler(plan.num_train, self.cfg.train.batch_size, seed=None,
+                                    secret=secret)
+        return PoissonSampler(plan.num_train, plan.sample_rate, self.physical_batch_size,
+                              seed=None, secret=secret)
+
+    def data_fingerprint(self, secret: randomness.Secret) -> str:
+        return checkpoint.data_fingerprint(secret, self.x_train, self.y_train)
+
+
+SEEDED_WARNING = (
+    "dp.randomness=seeded: the noise and the batches are a function of train.seed=%d, so "
+    "anyone who knows the seed and the other examples can replay this run and remove its "
+    "noise; the reported epsilon does not hold against them. Use for experiments only."
+)
 
 
 def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -206,31 +226,40 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     setup, state = _set_up(cfg, out_dir)
     d, plan = cfg.dp, setup.plan
 
+    if d.randomness == "seeded":
+        log.warning(SEEDED_WARNING, cfg.train.seed)
+
     progressed = resume.Progressed(accounting.Ledger())
     restored = setup.checkpointer.restore_latest(state)
     if restored is not None:
         state, progressed = restored.state, resume.Progressed.from_meta(restored.meta)
         resume.check_restored(restored, progressed, d.enabled)
+        resume.check_data(restored, setup.data_fingerprint(state.key))
         progressed.resumed_from.append(restored.step)
         log.info("resuming from checkpoint step %d in %s", restored.step,
                  setup.checkpointer.directory)
+    fingerprint = setup.data_fingerprint(state.key)  # keyed by the run's secret
 
     to_run = plan.steps if plan.budget_steps is None else min(plan.steps, plan.budget_steps)
     stopped_reason = "completed" if to_run == plan.steps else "budget"
     progress = Progress(to_run, cfg.train.log_every)
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics = None
-    if writer:
-        metrics = resume.open_metrics(metrics_path, int(state.step), restored is not None)
+    resumed, step0 = restored is not None, int(state.step)
+    metrics = outputs.metrics_writer(
+        resume.open_metrics(out_dir / outputs.METRICS, step0, resumed) if writer else None)
+    diagnostics = outputs.diagnostics_writer(
+        resume.open_metrics(out_dir / outputs.DIAGNOSTICS, step0, resumed)
+        if writer and cfg.train.nonprivate_diagnostics else None)
     try:
         with preemption.stop_on_signals() as stop:
-            state, progressed = _train_steps(setup, state, to_run, progressed, metrics,
-                                             progress, stop, wall_start)
+            state, progressed = _train_steps(
+                setup, state, setup.sampler(state.key), to_run, progressed, metrics,
+                diagnostics, progress, stop, wall_start, fingerprint)
     finally:
-        if metrics is not None:
-            metrics.close()
+        metrics.close()
         progress.close()
-    return _finish(setup, state, progressed, stopped_reason, out_dir, writer, wall_start)
+    summary = _finish(setup, state, progressed, stopped_reason, out_dir, writer, diagnostics)
+    diagnostics.close()
+    return summary
 
 
 def _set_up(cfg: RunConfig, out_dir: Path) -> tuple[Setup, TrainState]:
@@ -251,21 +280,22 @@ def _set_up(cfg: RunConfig, out_dir: Path) -> tuple[Setup, TrainState]:
         )
     physical = distributed.physical_batch_size(d.physical_batch_size, plan.num_train,
                                                plan.sample_rate, len(devices), parties)
+    if d.enabled and d.sampling == "fixed_size":
+        physical = cfg.train.batch_size
 
     model = get_model(cfg.model.name, ds.num_classes, **cfg.model.options)
     check_no_batch_mixing(model, jnp.asarray(x_train[:2]))  # two rows: the jvp check
     params = model.init(jax.random.PRNGKey(cfg.train.seed), jnp.asarray(x_train[:1]))["params"]
     optimizer = build_optimizer(cfg.optimizer)
     loss_fn = cross_entropy_loss(model.apply)
-    if d.enabled and d.sampling == "fixed_size":
-        sampler = FixedSizeSampler(plan.num_train, cfg.train.batch_size, seed=cfg.train.seed)
-    else:
-        sampler = PoissonSampler(plan.num_train, plan.sample_rate, physical, seed=cfg.train.seed)
     if d.enabled:
-        step_fn = _dp_step(cfg, loss_fn, optimizer, plan, params, sampler.physical_batch_size)
+        step_fn = _dp_step(cfg, loss_fn, optimizer, plan, params, physical)
     else:
         step_fn = make_nonprivate_step(loss_fn, optimizer)
-    state = init_state(params, optimizer, cfg.train.seed)
+    # The run's secret: fresh per run (secure) or from train.seed (seeded); one per
+    # multi-process run, drawn on process 0. A resume replaces it with the checkpoint's.
+    secret = randomness.broadcast_secret(randomness.run_secret(d.randomness, cfg.train.seed))
+    state = init_state(params, optimizer, secret=secret)
     if mesh is not None:
         step_fn = distributed.shard_step(step_fn, mesh)
         state = distributed.replicate(state, mesh)
@@ -274,14 +304,14 @@ def _set_up(cfg: RunConfig, out_dir: Path) -> tuple[Setup, TrainState]:
         num_train=plan.num_train,
     )
     checkpointer = checkpoint.Checkpointer(out_dir / checkpoint.CHECKPOINT_DIR, run_fingerprint)
-    setup = Setup(cfg, plan, sampler, step_fn, x_train, y_train, holdout, (ds.x_test, ds.y_test),
+    setup = Setup(cfg, plan, physical, step_fn, x_train, y_train, holdout, (ds.x_test, ds.y_test),
                   make_evaluator(model.apply, cfg.train.eval_batch_size), loss_fn, mesh,
                   checkpointer)
     return setup, state
 
 
 def _finish(setup: Setup, state, progressed: resume.Progressed, stopped_reason, out_dir, writer,
-            wall_start) -> dict[str, Any]:
+            diagnostics: outputs.JsonLines) -> dict[str, Any]:
     cfg, plan, d = setup.cfg, setup.plan, setup.cfg.dp
     test = setup.evaluate(distributed.local_copy(state.params) if setup.mesh else state.params,
                           *setup.test_split)
@@ -292,6 +322,7 @@ def _finish(setup: Setup, state, progressed: resume.Progressed, stopped_reason, 
         "optimizer": cfg.optimizer.name,
         "learning_rate": cfg.optimizer.learning_rate,
         "dp_enabled": d.enabled,
+        "randomness": d.randomness,
         "epsilon": eps,
         "delta": d.delta if d.enabled else None,
         "noise_multiplier": plan.noise_multiplier,
@@ -311,19 +342,21 @@ def _finish(setup: Setup, state, progressed: resume.Progressed, stopped_reason, 
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "eval_split": cfg.train.eval_split,
-        "final_eval": progressed.last_eval,
-        "num_nonfinite": progressed.num_nonfinite,
         "stopped_reason": stopped_reason,
         "seed": cfg.train.seed,
         "num_devices": 1 if setup.mesh is None else setup.mesh.size,
         "num_processes": jax.process_count(),
         "resumed_from": progressed.resumed_from,
-        "wall_time_s": progressed.wall_time_s + time.perf_counter() - wall_start,
         "status": "completed",
     }
     setup.checkpointer.close()
+    final = {"step": int(state.step), "final": True, "num_nonfinite": progressed.num_nonfinite,
+             "wall_time_s": progressed.wall_time_s}
+    if cfg.train.eval_split == "validation":
+        final.update({f"validation_{k}": v for k, v in progressed.last_eval.items()})
+    diagnostics.write(final)
     if writer:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        outputs.write_summary(out_dir, summary)
     return summary
 
 
@@ -337,7 +370,7 @@ def _dp_step(cfg: RunConfig, loss_fn, optimizer, plan: Plan, params, physical: i
         from dpjax.secagg.training import SecAggSettings, make_secagg_dp_step  # noqa: PLC0415
 
         settings = SecAggSettings(d.num_parties, d.secagg_threshold, d.secagg_neighbours,
-                                  d.secagg_mode, seed=cfg.train.seed)
+                                  secagg_mode(d), seed=cfg.train.seed)
         return make_secagg_dp_step(
             loss_fn, optimizer, noise_multiplier=plan.noise_multiplier, l2_clip_norm=clip,
             expected_batch_size=plan.expected_batch_size, physical_batch_size=physical,
@@ -353,8 +386,9 @@ def _dp_step(cfg: RunConfig, loss_fn, optimizer, plan: Plan, params, physical: i
     )
 
 
-def _train_steps(setup: Setup, state: TrainState, to_run: int, progressed: resume.Progressed,
-                 metrics, progress, stop, wall_start):
+def _train_steps(setup: Setup, state: TrainState, sampler, to_run: int,
+                 progressed: resume.Progressed, metrics: outputs.JsonLines,
+                 diagnostics: outputs.JsonLines, progress, stop, wall_start, fingerprint: str):
     cfg, plan = setup.cfg, setup.plan
     d, t = cfg.dp, cfg.train
     n_kw = {"num_examples": plan.num_train} if d.sampling == "fixed_size" else {}
@@ -364,16 +398,23 @@ def _train_steps(setup: Setup, state: TrainState, to_run: int, progressed: resum
     carried = progressed.num_nonfinite
     nonfinite = jnp.zeros((), jnp.int32)  # summed on device: no host sync per step
     ledger, last_eval = progressed.ledger, progressed.last_eval
+    public_eval = t.eval_split == "test"  # the validation split is private training data
+
+    def elapsed() -> float:
+        return progressed.wall_time_s + time.perf_counter() - wall_start
 
     def snapshot() -> resume.Progressed:
         return dataclasses.replace(
             progressed, ledger=ledger, num_nonfinite=carried + int(nonfinite),
-            last_eval=last_eval,
-            wall_time_s=progressed.wall_time_s + time.perf_counter() - wall_start)
+            last_eval=last_eval, wall_time_s=elapsed())
+
+    def save() -> int:
+        return setup.checkpointer.save(state, {**snapshot().to_meta(),
+                                               checkpoint.DATA_FINGERPRINT: fingerprint})
 
     last_saved = int(state.step) if progressed.resumed_from else None
     for step in range(int(state.step), to_run):
-        chunks = distributed.place_chunks(setup.sampler.sample(step), setup.x_train,
+        chunks = distributed.place_chunks(sampler.sample(step), setup.x_train,
                                           setup.y_train, setup.mesh)
         state, stats = setup.step_fn.run(state, chunks)
         nonfinite = nonfinite + stats.num_nonfinite
@@ -382,34 +423,40 @@ def _train_steps(setup: Setup, state: TrainState, to_run: int, progressed: resum
                                    n_kw.get("num_examples"))
         done = step + 1
         if done % t.log_every == 0 or done == to_run or done % t.eval_every == 0:
-            record = {"step": done,
-                      "loss": float(batch_loss(state.params, *chunks[0])),
-                      "batch_size": int(stats.batch_size),
-                      "num_nonfinite": int(stats.num_nonfinite)}
+            record: dict[str, Any] = {"step": done}
             is_eval = done % t.eval_every == 0 or done == to_run
             if d.enabled and (d.accountant == "rdp" or is_eval):  # PLD is slow: eval steps only
                 record["epsilon"] = ledger.epsilon(d.delta, d.accountant)
-            if d.enabled:
-                record["clipped_fraction"] = float(stats.clipped_fraction)
-                record["mean_grad_norm"] = float(stats.mean_grad_norm)
             if is_eval:
                 params = distributed.local_copy(state.params) if setup.mesh else state.params
                 last_eval = setup.evaluate(params, eval_x, eval_y)
-                record[f"{t.eval_split}_accuracy"] = last_eval["accuracy"]
-                record[f"{t.eval_split}_loss"] = last_eval["loss"]
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            shown = {k: v for k, v in record.items() if k in
-                     ("loss", "epsilon", f"{t.eval_split}_accuracy")}
-            progress.update(done, shown)
+                if public_eval:
+                    record["test_accuracy"] = last_eval["accuracy"]
+                    record["test_loss"] = last_eval["loss"]
+            metrics.write(record)
+            if diagnostics.stream is not None:
+                diag: dict[str, Any] = {
+                    "step": done,
+                    "loss": float(batch_loss(state.params, *chunks[0])),
+                    "batch_size": int(stats.batch_size),
+                    "num_nonfinite": int(stats.num_nonfinite),
+                    "wall_time_s": elapsed(),
+                }
+                if d.enabled:
+                    diag["clipped_fraction"] = float(stats.clipped_fraction)
+                    diag["mean_grad_norm"] = float(stats.mean_grad_norm)
+                if is_eval and not public_eval:
+                    diag["validation_accuracy"] = last_eval["accuracy"]
+                    diag["validation_loss"] = last_eval["loss"]
+                diagnostics.write(diag)
+            progress.update(done, {k: v for k, v in record.items() if k != "step"})
         stopping = stop.requested()
         periodic = t.checkpoint_every is not None and done % t.checkpoint_every == 0
         if stopping or periodic or done == to_run:
-            last_saved = setup.checkpointer.save(state, snapshot().to_meta())
+            last_saved = save()
         if stopping:
             stop.forward()
             raise preemption.Preempted(stop.signum, done, str(setup.checkpointer.directory))
     if last_saved != int(state.step):  # e.g. a run with nothing left to do after a resume
-        setup.checkpointer.save(state, snapshot().to_meta())
-    return state, dataclasses.replace(snapshot(), wall_time_s=progressed.wall_time_s)
+        save()
+    return state, snapshot()

@@ -8,14 +8,15 @@ import jax
 import jax.numpy as jnp
 
 from dpjax import _validate
-from dpjax.clipping import sensitivity
+from dpjax.clip_math import sensitivity
+from dpjax.randomness import StreamKey, normal_like
 
 PyTree = Any
 
 
 def privatize(
     clipped_sum: PyTree,
-    key: jax.Array,
+    key: jax.Array | StreamKey,
     *,
     noise_multiplier: float,
     l2_clip_norm: float | PyTree,
@@ -24,23 +25,38 @@ def privatize(
     """Returns ``(clipped_sum + N(0, (noise_multiplier * S)^2 I)) / expected_batch_size``.
 
     ``S = sensitivity(l2_clip_norm)`` (``l2_clip_norm`` itself for flat
-    clipping). Every leaf gets noise from its own key split from ``key``, so
-    each coordinate is independent. Guarantee: with a fresh ``key`` per step
-    (e.g. ``jax.random.fold_in(key, step)``), this is the Gaussian mechanism
-    with noise multiplier ``noise_multiplier`` on a sum of L2 sensitivity ``S``.
-    Division is by the public expected batch size ``q * N``, never by the
-    realized batch size (which would leak it).
+    clipping). Guarantee: with a key never used before (per step), this is the
+    Gaussian mechanism with noise multiplier ``noise_multiplier`` on a sum of L2
+    sensitivity ``S`` -- *provided nobody else can compute the key*. Division is
+    by the public expected batch size ``q * N``, never by the realized batch size
+    (which would leak it).
+
+    ``key`` is either
+
+    - a :class:`dpjax.randomness.StreamKey` (what ``dpjax-train`` uses: a
+      ChaCha20 stream of the run's 256-bit secret for this step, e.g.
+      ``stream_key(secret, Stream.NOISE, step)``); each leaf reads its own range
+      of the stream; or
+    - an ordinary ``jax.random`` key, which the caller owns (e.g.
+      ``jax.random.fold_in(key, step)``); each leaf gets a key split from it.
+      A guessable key (``PRNGKey(0)``, a published seed) lets anyone replay the
+      noise and subtract it: the guarantee is then void. JAX keys hold at most
+      64 bits, so a key derived from a 256-bit secret is the safer choice.
     """
     _validate.non_negative("noise_multiplier", noise_multiplier)
     _validate.positive("expected_batch_size", expected_batch_size)
     std = noise_multiplier * sensitivity(l2_clip_norm)
     leaves, treedef = jax.tree_util.tree_flatten(clipped_sum)
-    keys = jax.random.split(key, len(leaves))
+    if isinstance(key, StreamKey):
+        normals = jax.tree_util.tree_leaves(normal_like(leaves, key))
+    else:
+        keys = jax.random.split(key, len(leaves))
+        normals = [jax.random.normal(k, leaf.shape, jnp.float32)
+                   for leaf, k in zip(leaves, keys, strict=True)]
 
-    def noisy(leaf, k):
-        z = jax.random.normal(k, leaf.shape, jnp.float32)
+    def noisy(leaf, z):
         return ((leaf.astype(jnp.float32) + std * z) / expected_batch_size).astype(leaf.dtype)
 
     return jax.tree_util.tree_unflatten(
-        treedef, [noisy(leaf, k) for leaf, k in zip(leaves, keys, strict=True)]
+        treedef, [noisy(leaf, z) for leaf, z in zip(leaves, normals, strict=True)]
     )

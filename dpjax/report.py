@@ -4,7 +4,8 @@ Reads every ``summary.json`` under ``DIR`` (one per run directory, so a run
 that was preempted and resumed is counted once, with its final summary) and
 writes ``results.csv``, ``results.md`` and ``privacy_utility.png`` into ``DIR``.
 Failed runs are listed with their error; the plot shows accuracy against
-epsilon, with the non-private baseline as a horizontal line when present.
+epsilon, with the non-private baseline as a horizontal line when present. Only
+``summary.json`` is read: non-private diagnostics never reach the report.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (
-    "run", "status", "dataset", "model", "noise_multiplier", "epsilon", "delta", "steps",
-    "test_accuracy", "stopped_reason", "wall_time_s", "error",
+    "run", "status", "randomness", "dataset", "model", "noise_multiplier", "epsilon", "delta",
+    "steps", "test_accuracy", "stopped_reason", "error",
 )
 OUTPUTS = ("results.csv", "results.md", "privacy_utility.png")
 
@@ -61,8 +62,8 @@ def write_csv(rows, path: Path) -> None:
 
 
 def markdown_table(rows) -> str:
-    head = ("| run | sigma | epsilon | delta | steps | test accuracy | stopped | time (s) |\n"
-            "|---|---:|---:|---:|---:|---:|---|---:|\n")
+    head = ("| run | sigma | epsilon | delta | steps | test accuracy | stopped | randomness |\n"
+            "|---|---:|---:|---:|---:|---:|---|---|\n")
     body = []
     for r in rows:
         if r.get("status") != "completed":
@@ -72,7 +73,7 @@ def markdown_table(rows) -> str:
         body.append(
             f"| {r['run']} | {_fmt(r.get('noise_multiplier'))} | {eps} | {_fmt(r.get('delta'))} "
             f"| {_fmt(r.get('steps'))} | {100 * acc:.2f}% | {_fmt(r.get('stopped_reason'))} "
-            f"| {_fmt(r.get('wall_time_s'))} |"
+            f"| {_fmt(r.get('randomness'))} |"
         )
     text = head + "\n".join(body) + "\n"
     failed = [r for r in rows if r.get("status") != "completed"]

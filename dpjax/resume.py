@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dpjax import accounting
-from dpjax.checkpoint import CheckpointError, Restored
+from dpjax.checkpoint import DATA_FINGERPRINT, CheckpointError, Restored
 
 
 @dataclasses.dataclass
@@ -60,12 +60,25 @@ def check_restored(restored: Restored, progressed: Progressed, dp_enabled: bool)
         )
 
 
+def check_data(restored: Restored, fingerprint: str) -> None:
+    """The checkpoint was written for this training data (compared under the run's secret),
+    so the resumed steps never reuse a step's noise on other data."""
+    if restored.meta.get(DATA_FINGERPRINT) != fingerprint:
+        raise CheckpointError(
+            f"Expected checkpoint step {restored.step} to have been written for this training "
+            "data; its data fingerprint differs (other files, options or preprocessing). "
+            "Resuming would reuse its noise on other data. The run was not started fresh: "
+            "point hydra.run.dir at a new directory to start one."
+        )
+
+
 def open_metrics(path: Path, step: int, resumed: bool) -> TextIO:
-    """``metrics.jsonl`` for appending; on a resume, records after ``step`` (written
-    before the interruption, and about to be written again) are dropped first."""
+    """A JSON-lines output for appending; on a resume, records after ``step`` (written
+    before the interruption, and about to be written again) and a final-totals record
+    are dropped first."""
     if not resumed or not path.exists():
         return path.open("w")
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line, r in records if r["step"] <= step and not r.get("final")]
     path.write_text("".join(line + "\n" for line in kept))
     return path.open("a")

@@ -6,9 +6,13 @@ One step, as data flows:
     noisy mean    = (clipped sum + N(0, (sigma*S)^2)) / expected_batch_size
     optax update  -> new TrainState
 
-The noise key of step ``t`` is ``fold_in(state.key, t)``: the state's key never
-changes and ``t`` only grows, so no step, also across a resume from a
-checkpoint of the state, draws noise from a key used before.
+The noise of step ``t`` comes from ``noise_key(state)``: the stream
+``(NOISE, t)`` of the run's 256-bit secret (:mod:`dpjax.randomness`) when the
+state holds a :class:`~dpjax.randomness.Secret` (the training loop), or
+``fold_in(key, t)`` when it holds a JAX key (library use: the caller owns the
+key). The state's key never changes and ``t`` only grows, so no step, also
+across a resume from a checkpoint of the state, draws noise from a key used
+before.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import optax
 from dpjax import _validate
 from dpjax.clipping import clipped_grad, count_nonfinite, sensitivity
 from dpjax.noise import privatize
+from dpjax.randomness import Secret, Stream, StreamKey, stream_key
 
 PyTree = Any
 NOISE_STREAM = 0
@@ -37,22 +42,40 @@ class TrainState:
     params: PyTree
     opt_state: PyTree
     step: jax.Array  # int32 scalar: the number of steps taken
-    key: jax.Array  # uint32[2]: the run's base key; never advanced, only folded
+    # The run's Secret (training loop), or a uint32[2] JAX key (library use, the
+    # caller owns it); never advanced: each step's key is derived with the step.
+    key: Secret | jax.Array
 
 
-def init_state(params: PyTree, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state. ``params`` are copied: the jitted steps donate (and delete) the state's."""
+def init_state(
+    params: PyTree,
+    optimizer: optax.GradientTransformation,
+    seed: int | None = None,
+    *,
+    secret: Secret | None = None,
+) -> TrainState:
+    """A fresh state. ``params`` are copied: the jitted steps donate (and delete) the state's.
+
+    Give exactly one of ``secret`` (a :class:`~dpjax.randomness.Secret`, e.g.
+    ``dpjax.randomness.fresh_secret()``: the noise cannot be replayed without
+    it) and ``seed`` (the state holds ``PRNGKey(seed)``: whoever knows the seed
+    can replay the noise, so the guarantee holds only if the seed is secret).
+    """
+    if (seed is None) == (secret is None):
+        raise ValueError(f"Expected exactly one of seed={seed!r} and secret to be given.")
     params = jax.tree_util.tree_map(jnp.array, params)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
         step=jnp.zeros((), jnp.int32),
-        key=jax.random.PRNGKey(seed),
+        key=secret if secret is not None else jax.random.PRNGKey(seed),
     )
 
 
-def noise_key(state: TrainState) -> jax.Array:
-    """The key of this step's noise: unique per (base key, step)."""
+def noise_key(state: TrainState) -> jax.Array | StreamKey:
+    """The key of this step's noise: unique per (secret or base key, step)."""
+    if isinstance(state.key, Secret):
+        return stream_key(state.key, Stream.NOISE, state.step)
     return jax.random.fold_in(jax.random.fold_in(state.key, NOISE_STREAM), state.step)
 
 
@@ -78,15 +101,21 @@ def _stats(norms: jax.Array, mask: jax.Array, l2_clip_norm: float) -> StepStats:
     )
 
 
-def _add_stats(a: StepStats, b: StepStats) -> StepStats:
-    n_a, n_b = a.batch_size - a.num_nonfinite, b.batch_size - b.num_nonfinite
-    n = jnp.maximum(n_a + n_b, 1)
+def combine_stats(stacked: StepStats) -> StepStats:
+    """One step's stats from the stats of its parts stacked on a leading axis (chunks,
+    devices): counts add, means are weighted by each part's finite rows."""
+    n = stacked.batch_size - stacked.num_nonfinite
+    total = jnp.maximum(jnp.sum(n), 1)
     return StepStats(
-        mean_grad_norm=(a.mean_grad_norm * n_a + b.mean_grad_norm * n_b) / n,
-        clipped_fraction=(a.clipped_fraction * n_a + b.clipped_fraction * n_b) / n,
-        num_nonfinite=a.num_nonfinite + b.num_nonfinite,
-        batch_size=a.batch_size + b.batch_size,
+        mean_grad_norm=jnp.sum(stacked.mean_grad_norm * n) / total,
+        clipped_fraction=jnp.sum(stacked.clipped_fraction * n) / total,
+        num_nonfinite=jnp.sum(stacked.num_nonfinite),
+        batch_size=jnp.sum(stacked.batch_size),
     )
+
+
+def _add_stats(a: StepStats, b: StepStats) -> StepStats:
+    return combine_stats(jax.tree_util.tree_map(lambda x, y: jnp.stack([x, y]), a, b))
 
 
 @dataclasses.dataclass(frozen=True)

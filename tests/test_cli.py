@@ -95,7 +95,8 @@ def test_a_sweep_with_a_failed_run_and_the_report(tmp_path):
 
 
 def test_secagg_aggregation_matches_the_plain_sum_run(tmp_path):
-    common = ["train.steps=5", "optimizer=sgd", "train.eval_every=5"]
+    # seeded: both runs draw the same batches and noise, so they differ by SecAgg alone
+    common = ["train.steps=5", "optimizer=sgd", "train.eval_every=5", "dp.randomness=seeded"]
     _train(tmp_path, *common, "dp.aggregation=secagg", "dp.num_parties=4",
            "dp.physical_batch_size=96", run_dir=tmp_path / "secagg")
     _train(tmp_path, *common, "dp.physical_batch_size=96", run_dir=tmp_path / "plain96")

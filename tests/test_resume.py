@@ -25,9 +25,10 @@ from dpjax import accounting
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 120
+# Seeded randomness: the straight and the interrupted run must draw the same noise.
 CONFIG = ["dataset=digits", "model=mlp", "model.options.hidden=[32]", "train.batch_size=64",
           f"train.steps={STEPS}", "train.eval_every=40", "train.log_every=10",
-          "train.checkpoint_every=10", "train.seed=3"]
+          "train.checkpoint_every=10", "train.seed=3", "dp.randomness=seeded"]
 
 
 ENV: dict[str, str] = {}
@@ -115,6 +116,10 @@ def _assert_same_run(resumed, straight):
     assert 20 <= sb["resumed_from"][0] < STEPS
     # every step logged once, with the same numbers as the uninterrupted run
     assert (resumed / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    diag = [json.loads(line) for line in
+            (resumed / "diagnostics.nonprivate.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in diag if not d.get("final")] == list(range(10, STEPS + 1, 10))
+    assert sum(bool(d.get("final")) for d in diag) == 1
     return sb
 
 
@@ -166,13 +171,43 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path, stra
     assert "dp.noise_multiplier (checkpoint 1.0, this run 2.0)" in proc.stderr
 
 
+def test_a_secure_run_resumes_bit_exactly_from_its_checkpoint_and_its_secret(tmp_path, straight):
+    """dp.randomness=secure: the secret is drawn once and kept in the checkpoint, so a run
+    resumed from its step-110 checkpoint ends exactly where the uninterrupted run ended."""
+    secure = tmp_path / "secure"
+    _run(secure, "dp.randomness=secure")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(secure, resumed)
+    shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+    (resumed / "summary.json").unlink()
+    _run(resumed, "dp.randomness=secure")
+    _, leaves_a, meta_a = _final_checkpoint(secure)
+    _, leaves_b, meta_b = _final_checkpoint(resumed)
+    for key in leaves_a:
+        np.testing.assert_array_equal(leaves_a[key], leaves_b[key], err_msg=key)
+    assert meta_a["ledger"] == meta_b["ledger"]
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == [110]
+    # and the secure run's secret is not the seeded run's
+    _, seeded, _ = _final_checkpoint(straight)
+    assert not np.array_equal(seeded["['key']['words']"], leaves_a["['key']['words']"])
+
+
+def test_checkpoints_are_readable_by_their_owner_only(straight):
+    root = straight / "checkpoints"
+    assert root.stat().st_mode & 0o077 == 0
+    paths = list(root.rglob("*"))
+    assert any(p.is_file() for p in paths)
+    for p in paths:
+        assert p.stat().st_mode & 0o077 == 0, p
+
+
 @pytest.mark.slow
 def test_a_two_job_submitit_sweep_completes_and_a_relaunch_resumes_each_run_once(tmp_path):
     from dpjax.report import collect
 
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "dpjax.cli", "-m", "hydra/launcher=local_submitit",
-               *CONFIG[:4], "train.steps=10", "train.eval_every=5", "train.log_every=5",
+               *CONFIG[:4], "dp.randomness=seeded", "train.steps=10", "train.eval_every=5", "train.log_every=5",
                "train.seed=0,1", f"hydra.sweep.dir={sweep}"]
     for launch in range(2):  # the second launch finds both runs' final checkpoints
         proc = subprocess.run(command, capture_output=True, text=True, timeout=300,

@@ -23,7 +23,9 @@ never clamps.
 Each step (and each overflow chunk) runs a fresh round: new pairwise and
 self-mask seeds from ``prepare_round``; in ``mode="simulation"`` they derive
 from ``(seed, step, chunk)`` so runs are reproducible, in ``mode="secure"``
-from the operating system.
+from the operating system. The stochastic rounding draws come from the run's
+secret (stream ``(ROUNDING, step, chunk)``); the sensitivity bound above holds
+for any rounding draws, so their secrecy is not needed for the guarantee.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import optax
 from dpjax import _validate
 from dpjax.clipping import clipped_grad, sensitivity
 from dpjax.noise import privatize
+from dpjax.randomness import Secret, Stream, jax_key, stream_key
 from dpjax.secagg.aggregate import prepare_round, secure_sum
 from dpjax.secagg.encoding import INT32_LIMIT, check_no_wrap, quantization_error_bound
 from dpjax.train import TrainState, _stats, add_sums, make_apply, noise_key
@@ -78,6 +81,16 @@ class SecAggSettings:
             return self.threshold
         group = self.num_parties if self.num_neighbours is None else self.num_neighbours + 1
         return group // 2 + 1
+
+
+def _rounding_key(key, step, chunk_index) -> jax.Array:
+    """The JAX key of a chunk's stochastic rounding: from the run's secret (the stream
+    ``(ROUNDING, step, chunk)``) or, for a library state holding a JAX key, folded from it."""
+    if isinstance(key, Secret):
+        return jax_key(stream_key(key, Stream.ROUNDING, step, chunk_index))
+    return jax.random.fold_in(
+        jax.random.fold_in(jax.random.fold_in(key, ROUNDING_STREAM), step), chunk_index
+    )
 
 
 def fixed_point_scale(num_parties: int, rows_per_party: int, l2_clip_norm: float) -> float:
@@ -175,9 +188,7 @@ def make_secagg_dp_step(
         sums, norms = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
             params, jax.tree_util.tree_map(per_party, batch), per_party(mask)
         )
-        rounding_key = jax.random.fold_in(
-            jax.random.fold_in(jax.random.fold_in(key, ROUNDING_STREAM), step), chunk_index
-        )
+        rounding_key = _rounding_key(key, step, chunk_index)
         total = secure_sum(sums, scale=scale, round_masks=round_masks, max_abs=rows * bound,
                            rounding_key=rounding_key)
         return total, _stats(norms.reshape(-1), mask, bound)

@@ -1,0 +1,138 @@
+"""What a run writes, and the privacy class of every field.
+
+A run's output directory holds ``summary.json``, ``metrics.jsonl`` and (unless
+``train.nonprivate_diagnostics=false``) ``diagnostics.nonprivate.jsonl``, plus
+the checkpoints (private: they hold the run's secret and the parameters).
+
+Every field written to the first two is either
+
+- ``public``: a function of the configuration and of the training-set size N
+  (which dpjax, like every DP-SGD library, treats as public), or of events
+  outside the data (a preemption), or an evaluation on the public test split
+  of a model that is itself covered; or
+- ``covered``: released by the mechanism, so covered by the reported
+  (epsilon, delta) (e.g. epsilon so far, which is a function of the steps
+  taken, and the test metrics of the privately trained model).
+
+Values computed from private data without noise (batch loss, realized batch
+size, gradient-norm statistics, non-finite row counts, validation metrics on a
+split of the training data, wall time, which depends on realized batch sizes
+through the number of chunks) are ``nonprivate`` and go only to
+``diagnostics.nonprivate.jsonl``, never to the summary or the report. The
+writers refuse a field that is not classified here, so a new one cannot slip
+into a public file unreviewed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TextIO
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+DIAGNOSTICS = "diagnostics.nonprivate.jsonl"
+
+PUBLIC, COVERED, NONPRIVATE = "public", "covered", "nonprivate"
+
+SUMMARY_FIELDS: dict[str, tuple[str, str]] = {
+    "dataset": (PUBLIC, "configuration"),
+    "model": (PUBLIC, "configuration"),
+    "optimizer": (PUBLIC, "configuration"),
+    "learning_rate": (PUBLIC, "configuration"),
+    "dp_enabled": (PUBLIC, "configuration"),
+    "randomness": (PUBLIC, "configuration: secure or seeded (replayable from the seed)"),
+    "epsilon": (PUBLIC, "accountant: function of the configuration and the steps taken"),
+    "delta": (PUBLIC, "configuration"),
+    "noise_multiplier": (PUBLIC, "configuration, or calibrated from it and N"),
+    "target_epsilon": (PUBLIC, "configuration"),
+    "max_epsilon": (PUBLIC, "configuration"),
+    "l2_clip_norm": (PUBLIC, "configuration"),
+    "sample_rate": (PUBLIC, "configuration and N"),
+    "expected_batch_size": (PUBLIC, "configuration"),
+    "num_train": (PUBLIC, "N, public by convention"),
+    "steps": (PUBLIC, "planned steps, the budget's limit (both from configuration and N), "
+                      "or a preemption"),
+    "planned_steps": (PUBLIC, "configuration and N"),
+    "accountant": (PUBLIC, "configuration"),
+    "sampling": (PUBLIC, "configuration"),
+    "clipping": (PUBLIC, "configuration"),
+    "aggregation": (PUBLIC, "configuration"),
+    "num_parties": (PUBLIC, "configuration"),
+    "test_accuracy": (COVERED, "the private model evaluated on the public test split"),
+    "test_loss": (COVERED, "the private model evaluated on the public test split"),
+    "eval_split": (PUBLIC, "configuration"),
+    "stopped_reason": (PUBLIC, "completed or budget: from configuration and N"),
+    "seed": (PUBLIC, "configuration (initialization, validation split; and, in seeded "
+                     "mode, everything)"),
+    "num_devices": (PUBLIC, "configuration and hardware"),
+    "num_processes": (PUBLIC, "configuration and hardware"),
+    "resumed_from": (PUBLIC, "steps at which the run was restarted: external events"),
+    "status": (PUBLIC, "completed"),
+}
+
+METRICS_FIELDS: dict[str, tuple[str, str]] = {
+    "step": (PUBLIC, "the step counter"),
+    "epsilon": (PUBLIC, "accountant: function of the configuration and the steps taken"),
+    "test_accuracy": (COVERED, "the private model evaluated on the public test split"),
+    "test_loss": (COVERED, "the private model evaluated on the public test split"),
+}
+
+DIAGNOSTIC_FIELDS: dict[str, str] = {
+    "step": "the step counter (public)",
+    "final": "true on the last record, which holds run totals",
+    "loss": "mean training loss of the step's first chunk, without noise",
+    "batch_size": "realized (Poisson) batch size of the step",
+    "num_nonfinite": "rows dropped because their gradient was not finite (per step; run "
+                     "total on the final record)",
+    "clipped_fraction": "fraction of the step's rows whose gradient norm exceeded the bound",
+    "mean_grad_norm": "mean per-example gradient norm of the step, before clipping",
+    "validation_accuracy": "accuracy on the validation split, part of the training data",
+    "validation_loss": "loss on the validation split, part of the training data",
+    "wall_time_s": "seconds since the run started (resumed runs included); depends on "
+                   "realized batch sizes through the number of chunks per step",
+}
+
+
+class UnclassifiedFieldError(KeyError):
+    """A field was about to be written to an output without a privacy class."""
+
+
+def _check(record: dict[str, Any], fields, where: str) -> None:
+    unknown = sorted(set(record) - set(fields))
+    if unknown:
+        raise UnclassifiedFieldError(
+            f"Expected only classified fields in {where}; {unknown} are not in "
+            f"dpjax.outputs (classify them as public, covered or non-private first)."
+        )
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json``: public and covered fields only."""
+    _check(summary, SUMMARY_FIELDS, SUMMARY)
+    (Path(out_dir) / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class JsonLines:
+    """An append-only JSON-lines file whose records may hold only the given fields."""
+
+    def __init__(self, stream: TextIO | None, fields, name: str):
+        self.stream, self.fields, self.name = stream, fields, name
+
+    def write(self, record: dict[str, Any]) -> None:
+        _check(record, self.fields, self.name)
+        if self.stream is not None:
+            self.stream.write(json.dumps(record) + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
+def metrics_writer(stream: TextIO | None) -> JsonLines:
+    return JsonLines(stream, METRICS_FIELDS, METRICS)
+
+
+def diagnostics_writer(stream: TextIO | None) -> JsonLines:
+    return JsonLines(stream, DIAGNOSTIC_FIELDS, DIAGNOSTICS)
