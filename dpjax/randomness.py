@@ -26,6 +26,7 @@ key: a guessable key (e.g. ``PRNGKey(0)``) voids the guarantee.
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 
 import flax.struct
@@ -204,5 +205,13 @@ def broadcast_secret(secret: Secret) -> Secret:
         return secret
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    words = multihost_utils.broadcast_one_to_all(host_secret_words(secret))
-    return Secret(jnp.asarray(np.asarray(words, np.uint32)))
+    words = np.asarray(multihost_utils.broadcast_one_to_all(host_secret_words(secret)),
+                       np.uint32)
+    # Every process must hold the same secret, or each would draw its own batches and noise
+    # for "replicated" parameters. A digest (not the secret) is compared across processes.
+    digest = np.frombuffer(hashlib.sha256(words.tobytes()).digest(), np.uint32)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    if not np.all(digests == digests[0]):
+        raise RuntimeError("Expected every process to hold process 0's run secret after the "
+                           "broadcast; they differ.")
+    return Secret(jnp.asarray(words))

@@ -35,6 +35,7 @@ def test_every_option_of_every_group_composes_into_a_valid_run_config(group):
             cfg.dataset.data_dir = "/data"
         if cfg.dataset.name == "npz":
             cfg.dataset.options.path = "/data/x.npz"
+            cfg.dataset.options.num_classes = 10
         run = OmegaConf.to_object(cfg)
         assert isinstance(run, RunConfig)
         validate(run, datasets=DATASETS, models=MODELS)

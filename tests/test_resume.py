@@ -207,8 +207,8 @@ def test_a_two_job_submitit_sweep_completes_and_a_relaunch_resumes_each_run_once
 
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "dpjax.cli", "-m", "hydra/launcher=local_submitit",
-               *CONFIG[:4], "dp.randomness=seeded", "train.steps=10", "train.eval_every=5", "train.log_every=5",
-               "train.seed=0,1", f"hydra.sweep.dir={sweep}"]
+               *CONFIG[:4], "dp.randomness=seeded", "train.steps=10", "train.eval_every=5",
+               "train.log_every=5", "train.seed=0,1", f"hydra.sweep.dir={sweep}"]
     for launch in range(2):  # the second launch finds both runs' final checkpoints
         proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
                               cwd=tmp_path, env=_env())

@@ -54,9 +54,9 @@ def test_idx_loaders_ignore_a_neighbouring_example(tmp_path, idx_bytes, name, no
     a = load_dataset(name, data_dir=_write_idx(idx_bytes, tmp_path / "a", images, labels),
                      normalize=normalize)
     outlier = np.full((1, 5, 5), 255, np.uint8)
-    b = load_dataset(name, data_dir=_write_idx(idx_bytes, tmp_path / "b", np.concatenate([images, outlier]),
-                                                np.append(labels, np.uint8(9))),
-                     normalize=normalize)
+    folder = _write_idx(idx_bytes, tmp_path / "b", np.concatenate([images, outlier]),
+                        np.append(labels, np.uint8(9)))
+    b = load_dataset(name, data_dir=folder, normalize=normalize)
     _assert_neighbours_agree(a, b, 1)
 
 
