@@ -23,10 +23,11 @@ from collections.abc import Sequence
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from dpjax import _validate
+import dpjax._validate as _validate
+from dpjax.choices import Accountant, Relation, Sampling, contributions_changed, relation_of, values
 
-ACCOUNTANTS = ("rdp", "pld")
-SAMPLINGS = ("poisson", "fixed_size")
+ACCOUNTANTS = values(Accountant)
+SAMPLINGS = values(Sampling)
 MAX_NOISE_MULTIPLIER = 1e4
 PLD_VALUE_DISCRETIZATION = 1e-4
 
@@ -38,14 +39,14 @@ def _check(noise_multiplier, sample_rate, steps, accountant, sampling, num_examp
         raise ValueError(f"Expected steps={steps!r} to be an integer >= 0.")
     _validate.one_of("accountant", accountant, ACCOUNTANTS)
     _validate.one_of("sampling", sampling, SAMPLINGS)
-    if sampling == "fixed_size":
+    if Sampling(sampling) is Sampling.FIXED_SIZE:
         if num_examples is None:
             raise ValueError(
                 "Expected num_examples (the dataset size N) with sampling='fixed_size': "
                 "the batch size is sample_rate * N."
             )
         _validate.positive_int("num_examples", num_examples)
-        if accountant == "pld":
+        if Accountant(accountant) is Accountant.PLD:
             raise ValueError(
                 "Expected accountant='rdp' with sampling='fixed_size': dp-accounting's PLD "
                 "accountant does not implement sampling without replacement."
@@ -55,25 +56,28 @@ def _check(noise_multiplier, sample_rate, steps, accountant, sampling, num_examp
 
 
 def _step_event(noise_multiplier, sample_rate, sampling, num_examples) -> dp_accounting.DpEvent:
-    if sampling == "poisson":
-        return dp_accounting.PoissonSampledDpEvent(
-            sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-        )
+    """One step's event. ``noise_multiplier`` is the noise std over one row's sensitivity;
+    the Gaussian event's multiplier is the std over the sensitivity under the sampler's
+    relation (replace-one changes two rows)."""
+    sampling = Sampling(sampling)
+    gaussian = dp_accounting.GaussianDpEvent(
+        noise_multiplier / contributions_changed(relation_of(sampling)))
+    if sampling is Sampling.POISSON:
+        return dp_accounting.PoissonSampledDpEvent(sample_rate, gaussian)
     batch_size = round(sample_rate * num_examples)
-    return dp_accounting.SampledWithoutReplacementDpEvent(
-        num_examples, batch_size, dp_accounting.GaussianDpEvent(noise_multiplier / 2)
-    )
+    return dp_accounting.SampledWithoutReplacementDpEvent(num_examples, batch_size, gaussian)
+
+
+_RELATIONS = {
+    Relation.ADD_OR_REMOVE_ONE: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    Relation.REPLACE_ONE: dp_accounting.NeighboringRelation.REPLACE_ONE,
+}
 
 
 def _accountant(accountant: str, sampling: str) -> dp_accounting.PrivacyAccountant:
-    if accountant == "pld":
+    if Accountant(accountant) is Accountant.PLD:
         return pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
-    relation = (
-        dp_accounting.NeighboringRelation.REPLACE_ONE
-        if sampling == "fixed_size"
-        else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-    )
-    return rdp.RdpAccountant(neighboring_relation=relation)
+    return rdp.RdpAccountant(neighboring_relation=_RELATIONS[relation_of(sampling)])
 
 
 def _warn_delta(delta, num_examples):

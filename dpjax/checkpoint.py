@@ -41,18 +41,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: TrainState has the privatizer state (noise_state)
 CHECKPOINT_DIR = "checkpoints"
 MAX_TO_KEEP = 2
 DATA_FINGERPRINT = "data_fingerprint"
 
-# Keys that change logging, evaluation or placement but not a single parameter bit
-# (the device count changes the summation order, see docs/cluster.md).
-UNFINGERPRINTED = frozenset({
-    "name", "train.eval_every", "train.log_every", "train.eval_batch_size",
-    "train.checkpoint_every", "train.distributed", "train.devices",
-    "train.nonprivate_diagnostics",
-})
 
 
 def data_fingerprint(secret: Any, *arrays: np.ndarray) -> str:
@@ -85,23 +78,15 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or belongs to another config; the run did not start."""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "options":
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def fingerprint(config: Any, **resolved: Any) -> dict[str, Any]:
-    """The config values (dataclass, flattened to ``"dp.noise_multiplier"`` keys) that a
-    resumed run must share, plus ``resolved`` values computed from them (e.g. a
-    calibrated noise multiplier). JSON-normalized, so it compares equal after a round trip."""
-    flat = _flatten(dataclasses.asdict(config))
-    flat = {k: v for k, v in flat.items() if k not in UNFINGERPRINTED}
+    """The config values that can change a parameter bit (every field not marked
+    ``trajectory=False`` in :mod:`dpjax.config`, flattened to ``"dp.noise_multiplier"``
+    keys), plus ``resolved`` values computed from them (the mechanism's calibrated noise
+    multiplier, SecAgg's scale, ...), which a resumed run must share. JSON-normalized,
+    so it compares equal after a round trip."""
+    from dpjax.config import trajectory_fields  # noqa: PLC0415
+
+    flat = trajectory_fields(config)
     flat.update({f"resolved.{k}": v for k, v in resolved.items()})
     return json.loads(json.dumps(flat, sort_keys=True))
 

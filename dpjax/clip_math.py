@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dpjax import _validate
+import dpjax._validate as _validate
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dpjax import _validate
+import dpjax._validate as _validate
 from dpjax.clip_math import (
     LossFn,
     PyTree,

@@ -4,6 +4,14 @@ These dataclasses are the Hydra schema (registered in ``dpjax.cli``), so a
 wrong type or an unknown key fails when Hydra composes the config. Ranges are
 checked by :func:`validate` before any data is loaded or any step runs; every
 error names the key, the value and what is accepted.
+
+Privacy settings (``dp``) and performance knobs (``perf``: how the clipped sum
+is computed, never what it is) are separate sections. The older keys
+``dp.clipping``, ``dp.microbatch_size`` and ``dp.physical_batch_size`` stay
+accepted as aliases of the ``perf`` ones (:func:`resolve_aliases`). Fields that
+change logging, evaluation or placement but not a parameter bit say so in their
+metadata (``trajectory=False``), next to their definition: a checkpoint's
+fingerprint covers every other field (:func:`trajectory_fields`).
 """
 
 from __future__ import annotations
@@ -12,11 +20,13 @@ import dataclasses
 import math
 from typing import Any
 
-ACCOUNTANTS = ("rdp", "pld")
-SAMPLINGS = ("poisson", "fixed_size")
-CLIPPING_METHODS = ("vmap", "fast", "auto")
-AGGREGATIONS = ("sum", "secagg")
-RANDOMNESS = ("secure", "seeded")
+from dpjax.choices import Accountant, Aggregation, ClippingMethod, Randomness, Sampling, values
+
+ACCOUNTANTS = values(Accountant)
+SAMPLINGS = values(Sampling)
+CLIPPING_METHODS = values(ClippingMethod)
+AGGREGATIONS = values(Aggregation)
+RANDOMNESS = values(Randomness)
 SECAGG_MODES = ("secure", "simulation")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 EVAL_SPLITS = ("test", "validation")
@@ -24,6 +34,11 @@ EVAL_SPLITS = ("test", "validation")
 
 class ConfigError(ValueError):
     """A config value is out of range; the message names the key."""
+
+
+def _off_trajectory(default: Any) -> Any:
+    """A field that changes logging, evaluation or placement, never a parameter bit."""
+    return dataclasses.field(default=default, metadata={"trajectory": False})
 
 
 @dataclasses.dataclass
@@ -61,9 +76,10 @@ class DPConfig:
     accountant: str = "rdp"
     sampling: str = "poisson"
     max_epsilon: float | None = None
-    clipping: str = "vmap"
-    microbatch_size: int | None = None
-    physical_batch_size: int | None = None
+    # aliases of perf.clipping / perf.microbatch_size / perf.physical_batch_size
+    clipping: str | None = _off_trajectory(None)
+    microbatch_size: int | None = _off_trajectory(None)
+    physical_batch_size: int | None = _off_trajectory(None)
     aggregation: str = "sum"
     num_parties: int = 1
     secagg_neighbours: int | None = None
@@ -78,15 +94,27 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 256
     seed: int = 0
-    eval_every: int = 200
-    log_every: int = 20
+    eval_every: int = _off_trajectory(200)
+    log_every: int = _off_trajectory(20)
     eval_split: str = "test"
     validation_fraction: float = 0.1
-    eval_batch_size: int = 2048
-    distributed: bool = False
-    checkpoint_every: int | None = None
-    devices: str = "all"
-    nonprivate_diagnostics: bool = True
+    eval_batch_size: int = _off_trajectory(2048)
+    distributed: bool = _off_trajectory(False)
+    checkpoint_every: int | None = _off_trajectory(None)
+    # the device count changes the summation order of floats only (docs/cluster.md)
+    devices: str = _off_trajectory("all")
+    nonprivate_diagnostics: bool = _off_trajectory(True)
+
+
+@dataclasses.dataclass
+class PerfConfig:
+    """How the clipped sum is computed; none of it changes the guarantee (the physical
+    batch size sets SecAgg's fixed-point scale, which the mechanism's fingerprint
+    covers)."""
+
+    clipping: str = "vmap"
+    microbatch_size: int | None = None
+    physical_batch_size: int | None = None
 
 
 @dataclasses.dataclass
@@ -96,7 +124,48 @@ class RunConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    name: str = "run"
+    perf: PerfConfig = dataclasses.field(
+        default_factory=PerfConfig, metadata={"trajectory": False})
+    name: str = _off_trajectory("run")
+
+
+PERF_ALIASES = ("clipping", "microbatch_size", "physical_batch_size")
+
+
+def perf_key(cfg: RunConfig, name: str) -> str:
+    """The key a performance setting was given under: ``dp.<name>`` (its older alias) if
+    that is set, else ``perf.<name>``; error messages name it."""
+    return f"dp.{name}" if getattr(cfg.dp, name) is not None else f"perf.{name}"
+
+
+def perf(cfg: RunConfig) -> PerfConfig:
+    """The performance settings with the ``dp.*`` aliases applied; refuses an alias and
+    its ``perf`` key set to different values."""
+    defaults, resolved = PerfConfig(), dataclasses.replace(cfg.perf)
+    for name in PERF_ALIASES:
+        old, new = getattr(cfg.dp, name), getattr(cfg.perf, name)
+        if old is None:
+            continue
+        if new != getattr(defaults, name) and new != old:
+            _fail(f"dp.{name}", old, f"to equal perf.{name}={new!r} (dp.{name} is its older "
+                                     "name; set one of them)")
+        setattr(resolved, name, old)
+    return resolved
+
+
+def trajectory_fields(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every field of a config dataclass that can change a parameter bit, flattened to
+    ``"dp.noise_multiplier"`` keys (``options`` dicts stay whole)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("trajectory", True):
+            continue
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(trajectory_fields(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
 
 
 def _fail(key: str, value: Any, accepted: str) -> None:
@@ -161,7 +230,8 @@ def validate(
     d = cfg.dp
     _check_choice("dp.accountant", d.accountant, ACCOUNTANTS)
     _check_choice("dp.sampling", d.sampling, SAMPLINGS)
-    _check_choice("dp.clipping", d.clipping, CLIPPING_METHODS)
+    p = perf(cfg)
+    _check_choice(perf_key(cfg, "clipping"), p.clipping, CLIPPING_METHODS)
     _check_choice("dp.aggregation", d.aggregation, AGGREGATIONS)
     _check_choice("dp.randomness", d.randomness, RANDOMNESS)
     _check_positive("dp.l2_clip_norm", d.l2_clip_norm)
@@ -169,8 +239,10 @@ def validate(
         _fail("dp.delta", d.delta, "in (0, 1)")
     _check_positive("dp.max_epsilon", d.max_epsilon, allow_none=True)
     _check_positive("dp.target_epsilon", d.target_epsilon, allow_none=True)
-    _check_positive("dp.microbatch_size", d.microbatch_size, allow_none=True, integer=True)
-    _check_positive("dp.physical_batch_size", d.physical_batch_size, allow_none=True, integer=True)
+    _check_positive(perf_key(cfg, "microbatch_size"), p.microbatch_size, allow_none=True,
+                    integer=True)
+    _check_positive(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
+                    allow_none=True, integer=True)
     _check_positive("dp.num_parties", d.num_parties, integer=True)
     if d.noise_multiplier is not None and not (_finite(d.noise_multiplier)
                                                and d.noise_multiplier >= 0):
@@ -186,8 +258,8 @@ def validate(
             _fail("dp.accountant", d.accountant,
                   "to be 'rdp' with dp.sampling='fixed_size' (dp-accounting's PLD accountant "
                   "does not implement sampling without replacement)")
-        if d.sampling == "fixed_size" and d.physical_batch_size not in (None, t.batch_size):
-            _fail("dp.physical_batch_size", d.physical_batch_size,
+        if d.sampling == "fixed_size" and p.physical_batch_size not in (None, t.batch_size):
+            _fail(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
                   f"to be null or train.batch_size={t.batch_size} with dp.sampling='fixed_size'")
     if d.aggregation == "secagg":
         if d.num_parties < 2:
@@ -204,8 +276,8 @@ def validate(
         _check_positive("dp.secagg_threshold", d.secagg_threshold, allow_none=True, integer=True)
         if not d.enabled:
             _fail("dp.aggregation", d.aggregation, "to be 'sum' with dp.enabled=false")
-        if d.physical_batch_size is not None and d.physical_batch_size % d.num_parties:
-            _fail("dp.physical_batch_size", d.physical_batch_size,
+        if p.physical_batch_size is not None and p.physical_batch_size % d.num_parties:
+            _fail(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
                   f"to be a multiple of dp.num_parties={d.num_parties}")
 
 

@@ -25,7 +25,6 @@ With one device nothing here is used: the step runs exactly as before.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -36,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpjax.config import ConfigError
 from dpjax.sampling import Chunk, default_physical_batch_size
-from dpjax.train import DPStep, add_sums, combine_stats
+from dpjax.train import DPStep, combine_stats, jit_step
 
 log = logging.getLogger("dpjax")
 BATCH_AXIS = "batch"
@@ -168,59 +167,51 @@ def local_copy(tree):
     return jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
 
 
-def sharded_sum(clipped_sum, mesh: Mesh):
-    """``clipped_sum(params, batch, mask) -> (sum, stats)`` over rows sharded on ``mesh``.
+def sharded_local(local, aggregation, mesh: Mesh):
+    """``local(params, batch, mask) -> (partial, stats)`` over rows sharded on ``mesh``.
 
-    Each device evaluates ``clipped_sum`` on its own rows alone (``shard_map``); the
-    sums are added across devices (``psum``) and the stats combined. Requires only
-    that the sum is additive over disjoint sets of rows, which every clipped sum is.
+    Each device evaluates ``local`` on its own rows alone (``shard_map``). A plain sum's
+    partials are added across devices (``psum``); SecAgg's party sums stay on their
+    devices (the party axis is sharded), to meet only in the step's one SecAgg round.
+    The stats are combined.
     """
     rep, rows = PartitionSpec(), PartitionSpec(BATCH_AXIS)
 
-    def local(params, batch, mask):
-        summed, stats = clipped_sum(params, batch, mask)
+    def per_device(params, batch, mask):
+        partial, stats = local(params, batch, mask)
         stacked = jax.tree_util.tree_map(lambda x: x[None], stats)
-        return jax.lax.psum(summed, BATCH_AXIS), stacked
+        return aggregation.across_devices(partial, BATCH_AXIS), stacked
 
     # check_vma=False: with it, a replicated input used by per-device rows gets an implicit
     # pvary whose transpose is a psum, so each row's gradient would be summed over devices
     # inside the per-example vmap (mixing examples) before clipping.
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(rep, rows, rows), out_specs=(rep, rows),
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(rep, rows, rows),
+                           out_specs=(rows if aggregation.partial_sharded else rep, rows),
                            check_vma=False)
 
     def total(params, batch, mask):
-        summed, stacked = mapped(params, batch, mask)
-        return summed, combine_stats(stacked)
+        partial, stacked = mapped(params, batch, mask)
+        return partial, combine_stats(stacked)
 
     return total
 
 
 def shard_step(dp_step: DPStep, mesh: Mesh) -> DPStep:
-    """``dp_step`` with its clipped sum computed per device (:func:`sharded_sum`), the batch
-    sharded and the state replicated; the state is still donated."""
-    rep = NamedSharding(mesh, PartitionSpec())
-    rows = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-    wrap = _one_at_a_time if mesh.devices.flat[0].platform == "cpu" else (lambda fn: fn)
-    clipped_sum = sharded_sum(dp_step.clipped_sum, mesh)
-
-    def fused(state, batch, mask):
-        summed, stats = clipped_sum(state.params, batch, mask)
-        return dp_step.apply(state, summed), stats
-
-    def accumulate(params, summed, stats, batch, mask):
-        return add_sums(summed, stats, *clipped_sum(params, batch, mask))
-
-    return dataclasses.replace(
-        dp_step,
-        step=wrap(jax.jit(fused, in_shardings=(rep, rows, rows), out_shardings=(rep, rep),
-                          donate_argnums=0)),
-        clipped_sum=wrap(jax.jit(clipped_sum, in_shardings=(rep, rows, rows),
-                                 out_shardings=(rep, rep))),
-        accumulate=wrap(jax.jit(accumulate, in_shardings=(rep, rep, rep, rows, rows),
-                                out_shardings=(rep, rep), donate_argnums=(1, 2))),
-        apply=wrap(jax.jit(dp_step.apply, in_shardings=(rep, rep), out_shardings=rep,
-                           donate_argnums=0)),
-    )
+    """``dp_step`` for ``mesh``: each device clips its own rows (:func:`sharded_local`), the
+    batch is sharded and the state replicated (and still donated). Works for every
+    aggregation; with SecAgg each device must hold whole parties."""
+    aggregation = dp_step.aggregation
+    if aggregation.num_parties % mesh.size and aggregation.num_parties > 1:
+        raise ConfigError(
+            f"Expected dp.num_parties={aggregation.num_parties} to be a multiple of the device "
+            f"count {mesh.size}: every device holds whole SecAgg parties."
+        )
+    wrap = _one_at_a_time if mesh.devices.flat[0].platform == "cpu" else None
+    shardings = (NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh,
+                                                                     PartitionSpec(BATCH_AXIS)))
+    return jit_step(dp_step.parts, aggregation,
+                    local=sharded_local(dp_step.parts.local, aggregation, mesh), wrap=wrap,
+                    shardings=shardings)
 
 
 def _one_at_a_time(jitted):

@@ -1,13 +1,19 @@
-"""Gaussian privatization of a clipped sum."""
+"""Privatizers: turn a step's clipped sum into the noisy mean the optimizer sees.
+
+:func:`privatize` is the Gaussian mechanism on a clipped sum; a
+:class:`Privatizer` wraps such a function as an optax-style ``init``/``update``
+pair whose state lives in the ``TrainState``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dpjax import _validate
+import dpjax._validate as _validate
 from dpjax.clip_math import sensitivity
 from dpjax.randomness import StreamKey, normal_like
 
@@ -60,3 +66,60 @@ def privatize(
     return jax.tree_util.tree_unflatten(
         treedef, [noisy(leaf, z) for leaf, z in zip(leaves, normals, strict=True)]
     )
+
+
+class Privatizer(NamedTuple):
+    """An optax-style privatizer: ``init(params) -> state`` and
+    ``update(clipped_sum, state, key) -> (noisy_mean, state)``.
+
+    The state lives in the ``TrainState`` (and so in checkpoints): a stateful
+    privatizer (correlated noise) needs no change to the step, the checkpoint or
+    resume. ``key`` is the step's key (``dpjax.train.noise_key``), never reused.
+    """
+
+    init: Callable[[PyTree], PyTree]
+    update: Callable[[PyTree, PyTree, Any], tuple[PyTree, PyTree]]
+
+
+def gaussian_privatizer(
+    *, noise_multiplier: float, sensitivity: float, expected_batch_size: float
+) -> Privatizer:
+    """Independent Gaussian noise each step: :func:`privatize` with no state.
+
+    Guarantee: each step is the Gaussian mechanism with noise standard deviation
+    ``noise_multiplier * sensitivity`` on a sum whose sensitivity (to one row,
+    add/remove) is ``sensitivity``, divided by the public ``expected_batch_size``.
+    """
+    _validate.non_negative("noise_multiplier", noise_multiplier)
+    _validate.positive("sensitivity", sensitivity)
+    _validate.positive("expected_batch_size", expected_batch_size)
+
+    def init(params: PyTree) -> PyTree:
+        del params
+        return ()
+
+    def update(clipped_sum: PyTree, state: PyTree, key) -> tuple[PyTree, PyTree]:
+        noisy = privatize(clipped_sum, key, noise_multiplier=noise_multiplier,
+                          l2_clip_norm=sensitivity, expected_batch_size=expected_batch_size)
+        return noisy, state
+
+    return Privatizer(init, update)
+
+
+def mean_privatizer() -> Privatizer:
+    """No privacy: the non-private baseline's ``(sum, count) -> sum / max(count, 1)``.
+
+    The count is the realized number of rows (it leaks the batch size): only for
+    ``dp.enabled=false``.
+    """
+
+    def init(params: PyTree) -> PyTree:
+        del params
+        return ()
+
+    def update(summed: PyTree, state: PyTree, key) -> tuple[PyTree, PyTree]:
+        del key
+        grads, n = summed
+        return jax.tree_util.tree_map(lambda g: g / jnp.maximum(n, 1), grads), state
+
+    return Privatizer(init, update)

@@ -136,3 +136,43 @@ def metrics_writer(stream: TextIO | None) -> JsonLines:
 
 def diagnostics_writer(stream: TextIO | None) -> JsonLines:
     return JsonLines(stream, DIAGNOSTIC_FIELDS, DIAGNOSTICS)
+
+
+def build_summary(cfg, *, mechanism, plan, num_train: int, steps: int, ledger,
+                  resumed_from: list[int], test: dict[str, float], clipping: str,
+                  num_devices: int, num_processes: int) -> dict[str, Any]:
+    """``summary.json``'s fields (each classified in :data:`SUMMARY_FIELDS`)."""
+    d, dp = cfg.dp, mechanism is not None
+    return {
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "optimizer": cfg.optimizer.name,
+        "learning_rate": cfg.optimizer.learning_rate,
+        "dp_enabled": d.enabled,
+        "randomness": d.randomness,
+        "epsilon": ledger.epsilon(d.delta, d.accountant) if dp else None,
+        "delta": d.delta if dp else None,
+        "noise_multiplier": mechanism.noise_multiplier if dp else None,
+        "target_epsilon": d.target_epsilon if dp else None,
+        "max_epsilon": d.max_epsilon if dp else None,
+        "l2_clip_norm": d.l2_clip_norm if dp else None,
+        "sample_rate": cfg.train.batch_size / num_train,
+        "expected_batch_size": float(cfg.train.batch_size),
+        "num_train": num_train,
+        "steps": steps,
+        "planned_steps": plan.steps,
+        "accountant": d.accountant if dp else None,
+        "sampling": d.sampling if dp else "poisson",
+        "clipping": clipping if dp else None,
+        "aggregation": d.aggregation,
+        "num_parties": d.num_parties if d.aggregation == "secagg" else None,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "eval_split": cfg.train.eval_split,
+        "stopped_reason": plan.stopped_reason,
+        "seed": cfg.train.seed,
+        "num_devices": num_devices,
+        "num_processes": num_processes,
+        "resumed_from": resumed_from,
+        "status": "completed",
+    }

@@ -37,18 +37,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from dpjax.choices import Randomness
 from dpjax.secagg.chacha import WORDS_PER_BLOCK, bytes_to_words, chacha20_stream
 
 SECRET_BYTES = 32
 _SEEDED_INFO = b"dpjax seeded-mode run secret v1"
 _MAX_BLOCKS = 2**32  # a ChaCha20 block counter is 32 bits
-
-
-class Randomness(enum.StrEnum):
-    """Where the run's secret comes from; decides whether a run can be replayed."""
-
-    SECURE = "secure"
-    SEEDED = "seeded"
 
 
 class Stream(enum.IntEnum):

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-from dpjax import accounting
+import dpjax.accounting as accounting
 from dpjax.checkpoint import DATA_FINGERPRINT, CheckpointError, Restored
 
 

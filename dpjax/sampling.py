@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from dpjax import _validate
+import dpjax._validate as _validate
 from dpjax.randomness import Secret, Stream, host_secret_words, host_uniform, host_words
 from dpjax.randomness import StreamKey as _StreamKey
 from dpjax.randomness import seeded_secret as _seeded_secret

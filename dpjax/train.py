@@ -1,10 +1,14 @@
-"""The training state and the jitted DP-SGD step.
+"""The training state and the jitted DP-SGD step: one step type for every mechanism.
 
-One step, as data flows:
+One step, as data flows (:meth:`DPStep.run`; the mechanism's parts are named in
+:mod:`dpjax.mechanism`):
 
-    clipped sum   = sum_i mask_i * clip(grad_i, C)        (one or more chunks)
-    noisy mean    = (clipped sum + N(0, (sigma*S)^2)) / expected_batch_size
-    optax update  -> new TrainState
+    round      = aggregation.prepare(t)                         host: SecAgg seeds, or nothing
+    for each chunk of the step's batch (padded rows have mask 0):
+        partial += aggregation.local(clipped_grad)(params, chunk, mask)   per party
+    total      = aggregation.finish(partial, round)             plain sum, or one SecAgg round
+    noisy, s   = privatizer.update(total, noise_state, noise_key(state))   + noise, / q N
+    state      = optax update(noisy), step t + 1
 
 The noise of step ``t`` comes from ``noise_key(state)``: the stream
 ``(NOISE, t)`` of the run's 256-bit secret (:mod:`dpjax.randomness`) when the
@@ -26,9 +30,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpjax import _validate
-from dpjax.clipping import clipped_grad, count_nonfinite, sensitivity
-from dpjax.noise import privatize
+import dpjax._validate as _validate
+from dpjax.aggregation import Aggregator, PlainSum, SecAggSettings, SecAggSum, rounding_key
+from dpjax.clip_math import count_nonfinite, sensitivity
+from dpjax.clipping import clipped_grad
+from dpjax.mechanism import ClippedSum
+from dpjax.noise import Privatizer, gaussian_privatizer, mean_privatizer
 from dpjax.randomness import Secret, Stream, StreamKey, stream_key
 
 PyTree = Any
@@ -45,6 +52,7 @@ class TrainState:
     # The run's Secret (training loop), or a uint32[2] JAX key (library use, the
     # caller owns it); never advanced: each step's key is derived with the step.
     key: Secret | jax.Array
+    noise_state: PyTree = ()  # the privatizer's state (none for independent noise)
 
 
 def init_state(
@@ -53,6 +61,7 @@ def init_state(
     seed: int | None = None,
     *,
     secret: Secret | None = None,
+    privatizer: Privatizer | None = None,
 ) -> TrainState:
     """A fresh state. ``params`` are copied: the jitted steps donate (and delete) the state's.
 
@@ -69,6 +78,7 @@ def init_state(
         opt_state=optimizer.init(params),
         step=jnp.zeros((), jnp.int32),
         key=secret if secret is not None else jax.random.PRNGKey(seed),
+        noise_state=privatizer.init(params) if privatizer is not None else (),
     )
 
 
@@ -120,32 +130,147 @@ def _add_stats(a: StepStats, b: StepStats) -> StepStats:
 
 @dataclasses.dataclass(frozen=True)
 class DPStep:
-    """The jitted pieces of a DP-SGD step.
+    """The jitted pieces of one step, for every mechanism (plain or SecAgg aggregation,
+    vmap or fast clipping, one or several chunks, one or several devices).
 
-    ``step(state, batch, mask)`` does a whole step on one physical chunk.
-    ``clipped_sum(params, batch, mask)``, ``accumulate(params, summed, stats,
-    batch, mask)`` (adds one more chunk to a running sum) and ``apply(state,
-    summed)`` split it, so a Poisson batch larger than the physical size is
-    summed over several chunks before the noise is drawn once (:meth:`run`).
+    ``clipped_sum(params, batch, mask)`` is a chunk's partial (each party's clipped sum)
+    and stats; ``accumulate(params, partial, stats, batch, mask)`` adds one more chunk;
+    ``aggregate(state, partial, round_input, num_chunks)`` turns the step's partials
+    into the total (the identity for a plain sum, one SecAgg round otherwise);
+    ``apply(state, total)`` privatizes it and takes the optax update. A Poisson batch
+    larger than the physical size is thus summed over several chunks before the one
+    aggregation round and the one noise draw (:meth:`run`). ``step(state, batch, mask,
+    round_input=None)`` is a whole step on one chunk, in one compiled program when the
+    aggregation is a plain sum (a SecAgg round is the aggregator's stage, compiled on
+    its own). ``prepare(step)`` is the host-side set-up of a step's aggregation;
+    ``aggregation`` and ``parts`` (the unjitted functions) let
+    :func:`dpjax.distributed.shard_step` rebuild the step for several devices.
     """
 
-    step: Callable[[TrainState, PyTree, jax.Array], tuple[TrainState, StepStats]]
+    step: Callable[..., tuple[TrainState, StepStats]]
     clipped_sum: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, StepStats]]
     accumulate: Callable[[PyTree, PyTree, StepStats, PyTree, jax.Array],
                          tuple[PyTree, StepStats]]
+    aggregate: Callable[..., PyTree]
     apply: Callable[[TrainState, PyTree], TrainState]
+    prepare: Callable[[Any], Any]
+    aggregation: Aggregator
+    parts: StepParts
 
     def run(self, state: TrainState, chunks: Sequence[tuple[PyTree, jax.Array]]):
         """One step over a list of ``(batch, mask)`` chunks of one physical shape."""
+        round_input = self.prepare(state.step)
         if len(chunks) == 1:
-            return self.step(state, *chunks[0])
+            return self.step(state, *chunks[0], round_input)
         (batch, mask), *rest = chunks
-        total, stats = self.clipped_sum(state.params, batch, mask)
-        # Each chunk's call takes the running sum (donated) and adds to it in
+        partial, stats = self.clipped_sum(state.params, batch, mask)
+        # Each chunk's call takes the running partial (donated) and adds to it in
         # place: one chain of calls, no separate add per leaf and per chunk.
         for batch, mask in rest:
-            total, stats = self.accumulate(state.params, total, stats, batch, mask)
+            partial, stats = self.accumulate(state.params, partial, stats, batch, mask)
+        total = self.aggregate(state, partial, round_input, len(chunks))
         return self.apply(state, total), stats
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """The unjitted functions a :class:`DPStep` is made of."""
+
+    local: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, StepStats]]
+    aggregate: Callable[..., PyTree]  # (state, partial, round_input, num_chunks) -> total
+    apply: Callable[[TrainState, PyTree], TrainState]
+
+
+def build_step(
+    local: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, StepStats]],
+    aggregation: Aggregator,
+    privatizer: Privatizer,
+    optimizer: optax.GradientTransformation,
+) -> DPStep:
+    """The step of ``local`` (a chunk's partial and stats), ``aggregation``, ``privatizer``
+    and ``optimizer``; everything after the privatizer is post-processing."""
+
+    def aggregate(state: TrainState, partial, round_input=None, num_chunks: int = 1):
+        key = rounding_key(state.key, state.step) if aggregation.rounds else None
+        return aggregation.finish(partial, round_input, num_chunks, key)
+
+    def apply(state: TrainState, total) -> TrainState:
+        noisy, noise_state = privatizer.update(total, state.noise_state, noise_key(state))
+        updates, opt_state = optimizer.update(noisy, state.opt_state, state.params)
+        return state.replace(
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            step=state.step + 1,
+            noise_state=noise_state,
+        )
+
+    return jit_step(StepParts(local, aggregate, apply), aggregation)
+
+
+def jit_step(parts: StepParts, aggregation: Aggregator, local=None, wrap=None,
+             shardings=None) -> DPStep:
+    """Jits ``parts`` into a :class:`DPStep` (``local`` may replace ``parts.local``, e.g.
+    by a per-device version; ``shardings`` are ``(replicated, rows)`` for a mesh and
+    ``wrap`` is applied to every jitted function)."""
+    local = local or parts.local
+    wrap = wrap or (lambda fn: fn)
+    rep, rows = shardings or (None, None)
+    partial_spec = rows if aggregation.partial_sharded else rep
+
+    def jit(fn, in_shardings=None, out_shardings=None, **kw):
+        if shardings is None:
+            return wrap(jax.jit(fn, **kw))
+        return wrap(jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kw))
+
+    def accumulate(params, partial, stats, batch, mask):
+        return add_sums(partial, stats, *local(params, batch, mask))
+
+    apply = jit(parts.apply, (rep, rep), rep, donate_argnums=0)
+    if aggregation.rounds:  # the aggregator's round, then the update: two programs
+        aggregate = jit(parts.aggregate, (rep, partial_spec, rep), rep, static_argnums=3)
+
+        def front(state, batch, mask, round_input):
+            partial, stats = local(state.params, batch, mask)
+            return parts.aggregate(state, partial, round_input, 1), stats
+
+        front = jit(front, (rep, rows, rows, rep), (rep, rep))
+
+        def step(state, batch, mask, round_input=None):
+            total, stats = front(state, batch, mask, round_input)
+            return apply(state, total), stats
+    else:
+        def aggregate(state, partial, round_input=None, num_chunks=1):
+            return partial  # a plain sum: the partial is the total
+
+        def fused(state, batch, mask, round_input=None):
+            partial, stats = local(state.params, batch, mask)
+            return parts.apply(state, partial), stats
+
+        step = jit(fused, (rep, rows, rows, rep), (rep, rep), donate_argnums=0)
+
+    return DPStep(
+        step=step,
+        clipped_sum=jit(local, (rep, rows, rows), (partial_spec, rep)),
+        accumulate=jit(accumulate, (rep, partial_spec, rep, rows, rows), (partial_spec, rep),
+                       donate_argnums=(1, 2)),
+        aggregate=aggregate,
+        apply=apply,
+        prepare=aggregation.prepare,
+        aggregation=aggregation,
+        parts=parts,
+    )
+
+
+def clipped_local(grad_fn, aggregation: Aggregator, row_bound: float):
+    """A chunk's partial (``aggregation.local`` of the clipped-gradient function) and the
+    stats of its rows' norms."""
+    local = aggregation.local(grad_fn)
+
+    def clipped_sum(params, batch, mask):
+        partial, norms = local(params, batch, mask)
+        return partial, _stats(norms, mask, row_bound)
+
+    return clipped_sum
 
 
 def make_dp_step(
@@ -161,30 +286,72 @@ def make_dp_step(
     """Builds the jitted DP-SGD step for any optax optimizer (SGD -> DP-SGD, Adam -> DP-Adam).
 
     Guarantee: each step releases ``(sum of clipped rows + N(0, (sigma S)^2 I)) / B_exp``
-    with ``S = sensitivity(l2_clip_norm)`` and a noise key never used before;
+    with ``S = sensitivity(l2_clip_norm)`` and a noise key never used before (see
+    :func:`noise_key`: a state built with a guessable JAX key voids this);
     everything after that (the optimizer) is post-processing.
     """
     _validate.non_negative("noise_multiplier", noise_multiplier)
     _validate.positive("expected_batch_size", expected_batch_size)
-    flat_bound = sensitivity(l2_clip_norm)
-    grad_fn = clipped_grad(
-        loss_fn, l2_clip_norm=l2_clip_norm, microbatch_size=microbatch_size, method=clipping_method
-    )
+    clipped = ClippedSum(l2_clip_norm)
+    privatizer = gaussian_privatizer(noise_multiplier=noise_multiplier,
+                                     sensitivity=clipped.sensitivity(),
+                                     expected_batch_size=expected_batch_size)
+    return make_step(loss_fn, optimizer, clipped, privatizer, microbatch_size=microbatch_size,
+                     clipping_method=clipping_method)
 
-    def clipped_sum(params, batch, mask):
-        s, norms = grad_fn(params, batch, mask)
-        return s, _stats(norms, mask, flat_bound)
 
-    def gradient(state: TrainState, summed: PyTree) -> PyTree:
-        return privatize(
-            summed,
-            noise_key(state),
-            noise_multiplier=noise_multiplier,
-            l2_clip_norm=l2_clip_norm,
-            expected_batch_size=expected_batch_size,
+def make_secagg_dp_step(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    noise_multiplier: float,
+    l2_clip_norm: float | PyTree,
+    expected_batch_size: float,
+    physical_batch_size: int,
+    settings: SecAggSettings,
+    microbatch_size: int | None = None,
+    clipping_method: str = "vmap",
+) -> DPStep:
+    """The DP-SGD step whose clipped sums are securely aggregated (one round per step) and
+    noised once, with noise covering the rounding: ``sigma * (S + sqrt(d) / scale)``
+    (see :mod:`dpjax.aggregation`; ``d`` is the number of parameters)."""
+    n = settings.num_parties
+    if physical_batch_size % n:
+        raise ValueError(
+            f"Expected physical_batch_size={physical_batch_size} to be a multiple of "
+            f"num_parties={n}: each party holds an equal block of rows."
         )
+    _validate.non_negative("noise_multiplier", noise_multiplier)
+    _validate.positive("expected_batch_size", expected_batch_size)
+    clipped = ClippedSum(l2_clip_norm, SecAggSum(settings, physical_batch_size // n,
+                                                  sensitivity(l2_clip_norm)))
 
-    return _assemble(clipped_sum, gradient, optimizer)
+    def update(total, state, key):  # d is known once the sum's shapes are
+        d = sum(leaf.size for leaf in jax.tree_util.tree_leaves(total))
+        return gaussian_privatizer(
+            noise_multiplier=noise_multiplier, sensitivity=clipped.sensitivity(num_params=d),
+            expected_batch_size=expected_batch_size).update(total, state, key)
+
+    return make_step(loss_fn, optimizer, clipped, Privatizer(lambda params: (), update),
+                     microbatch_size=microbatch_size, clipping_method=clipping_method)
+
+
+def make_step(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    optimizer: optax.GradientTransformation,
+    clipped: ClippedSum,
+    privatizer: Privatizer,
+    *,
+    microbatch_size: int | None = None,
+    clipping_method: str = "vmap",
+) -> DPStep:
+    """The step of a mechanism's parts: ``clipped`` (clip bound and aggregation) and
+    ``privatizer``; ``microbatch_size`` and ``clipping_method`` only change how the
+    clipped sum is computed, never its value's guarantee."""
+    grad_fn = clipped_grad(loss_fn, l2_clip_norm=clipped.l2_clip_norm,
+                           microbatch_size=microbatch_size, method=clipping_method)
+    local = clipped_local(grad_fn, clipped.aggregation, clipped.row_bound)
+    return build_step(local, clipped.aggregation, privatizer, optimizer)
 
 
 def make_nonprivate_step(
@@ -196,7 +363,7 @@ def make_nonprivate_step(
     number of real rows, so the result equals one big batch.
     """
 
-    def clipped_sum(params, batch, mask):
+    def local(params, batch, mask):
         def total_loss(p):
             return jnp.sum(loss_fn(p, batch) * mask)
 
@@ -207,50 +374,12 @@ def make_nonprivate_step(
         )
         return (grads, n), stats
 
-    def gradient(state: TrainState, summed) -> PyTree:
-        grads, n = summed
-        return jax.tree_util.tree_map(lambda g: g / jnp.maximum(n, 1), grads)
-
-    return _assemble(clipped_sum, gradient, optimizer)
-
-
-def make_apply(gradient, optimizer: optax.GradientTransformation):
-    """``apply(state, summed) -> state``: ``gradient(state, summed)``, then the optax update."""
-
-    def apply(state: TrainState, summed) -> TrainState:
-        updates, opt_state = optimizer.update(gradient(state, summed), state.opt_state,
-                                              state.params)
-        return state.replace(
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            step=state.step + 1,
-        )
-
-    return apply
+    return build_step(local, PlainSum(), mean_privatizer(), optimizer)
 
 
 def add_sums(summed: PyTree, stats: StepStats, more: PyTree, more_stats: StepStats):
-    """Adds one more chunk's sum and stats to the running ones."""
+    """Adds one more chunk's partial and stats to the running ones."""
     return jax.tree_util.tree_map(jnp.add, summed, more), _add_stats(stats, more_stats)
-
-
-def _assemble(clipped_sum, gradient, optimizer: optax.GradientTransformation) -> DPStep:
-    """Jits ``clipped_sum``, ``apply`` (``gradient`` then the optax update) and both fused."""
-    apply = make_apply(gradient, optimizer)
-
-    def step(state, batch, mask):
-        summed, stats = clipped_sum(state.params, batch, mask)
-        return apply(state, summed), stats
-
-    def accumulate(params, summed, stats, batch, mask):
-        return add_sums(summed, stats, *clipped_sum(params, batch, mask))
-
-    return DPStep(
-        step=jax.jit(step, donate_argnums=0),
-        clipped_sum=jax.jit(clipped_sum),
-        accumulate=jax.jit(accumulate, donate_argnums=(1, 2)),
-        apply=jax.jit(apply, donate_argnums=0),
-    )
 
 
 def cross_entropy_loss(apply_fn: Callable[..., jax.Array]) -> Callable[[PyTree, PyTree], jax.Array]:

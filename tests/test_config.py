@@ -24,7 +24,8 @@ def _options(group):
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["dataset", "model", "optimizer", "dp", "train", "experiment"])
+@pytest.mark.parametrize("group", ["dataset", "model", "optimizer", "dp", "train", "perf",
+                                   "experiment"])
 def test_every_option_of_every_group_composes_into_a_valid_run_config(group):
     options = _options(group)
     assert options, f"configs/{group}/ is empty"
@@ -96,3 +97,32 @@ def test_the_make_run_preset_calibrates_to_epsilon_three_at_delta_1e_5():
     assert cfg.dp.target_epsilon == 3 and cfg.dp.noise_multiplier is None
     assert cfg.dp.delta == 1e-5 and cfg.dataset.name == "mnist1d"
     assert cfg.train.eval_split == "test"
+
+
+def test_the_older_dp_performance_keys_are_aliases_of_perf():
+    from dpjax.config import perf
+
+    run = OmegaConf.to_object(_compose(["dp.clipping=fast", "dp.microbatch_size=4"]))
+    validate(run, datasets=DATASETS, models=MODELS)
+    assert perf(run).clipping == "fast" and perf(run).microbatch_size == 4
+    run = OmegaConf.to_object(_compose(["perf.clipping=auto"]))
+    assert perf(run).clipping == "auto"
+    clash = OmegaConf.to_object(_compose(["perf.clipping=fast", "dp.clipping=vmap"]))
+    with pytest.raises(ConfigError, match=r"dp.clipping='vmap' to equal perf.clipping='fast'"):
+        validate(clash)
+    bad = OmegaConf.to_object(_compose(["dp.physical_batch_size=-3"]))
+    with pytest.raises(ConfigError, match=r"dp.physical_batch_size=-3"):
+        validate(bad)
+
+
+def test_the_fingerprint_covers_privacy_settings_and_not_performance_or_logging():
+    from dpjax.checkpoint import fingerprint
+
+    base = fingerprint(OmegaConf.to_object(_compose([])))
+    assert "dp.noise_multiplier" in base and "dp.randomness" in base and "train.seed" in base
+    assert not any(k.startswith("perf.") for k in base)
+    for override in ("perf.clipping=fast", "dp.clipping=fast", "train.log_every=7",
+                     "train.devices=2", "perf.microbatch_size=8", "name=other"):
+        assert fingerprint(OmegaConf.to_object(_compose([override]))) == base, override
+    for override in ("dp.l2_clip_norm=0.5", "train.batch_size=128", "optimizer=sgd"):
+        assert fingerprint(OmegaConf.to_object(_compose([override]))) != base, override

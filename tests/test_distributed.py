@@ -79,6 +79,57 @@ def _compare_sharded_and_single(clipping_method, sampler, optimizer_name, steps=
             "same_step": int(single.step) == int(sharded.step) == steps}
 
 
+def _compare_secagg_on_two_devices(steps=4):
+    """SecAgg over a 2-device mesh vs one device: 4 parties (2 per device), a physical size
+    the Poisson batches overflow, so some steps take several chunks; rounds are counted."""
+    import jax
+    import optax
+
+    from dpjax import aggregation, distributed
+    from dpjax.aggregation import SecAggSettings
+    from dpjax.models import MLP
+    from dpjax.sampling import PoissonSampler
+    from dpjax.train import cross_entropy_loss, init_state, make_secagg_dp_step
+
+    rounds, real = [], aggregation.prepare_round
+
+    def counting(*args, **kw):
+        rounds.append(kw["round_index"])
+        return real(*args, **kw)
+
+    aggregation.prepare_round = counting
+    sampler = PoissonSampler(300, 0.1, 24, seed=5)
+    rng = np.random.RandomState(0)
+    x = rng.randn(300, 6, 6, 1).astype(np.float32)
+    y = rng.randint(0, 10, 300).astype(np.int32)
+    model = MLP(num_classes=10, hidden=(16,))
+    params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+    opt = optax.sgd(0.5)
+    step = make_secagg_dp_step(cross_entropy_loss(model.apply), opt, noise_multiplier=1.0,
+                               l2_clip_norm=0.5, expected_batch_size=30.0,
+                               physical_batch_size=24,
+                               settings=SecAggSettings(4, mode="simulation", seed=3))
+    mesh = distributed.make_mesh(jax.devices()[:2])
+    sharded_step = distributed.shard_step(step, mesh)
+    single = init_state(params, opt, seed=7)
+    sharded = distributed.replicate(init_state(params, opt, seed=7), mesh)
+    num_chunks, worst = [], 0.0
+    for t in range(steps):
+        chunks = sampler.sample(t)
+        num_chunks.append(len(chunks))
+        single, _ = step.run(single, distributed.place_chunks(chunks, x, y, None))
+        sharded, _ = sharded_step.run(sharded, distributed.place_chunks(chunks, x, y, mesh))
+    for a, b in zip(jax.tree_util.tree_leaves(single.params),
+                    jax.tree_util.tree_leaves(sharded.params), strict=True):
+        worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
+    max_chunks = max(num_chunks)
+    # each run's sums are within n/scale of the float sum per coordinate (times the chunks
+    # a party's sum spans); one SGD step moves a parameter by lr/B times that
+    bound = steps * 0.5 * 2 * max_chunks * step.aggregation.error_bound / 30.0 + 1e-6
+    return {"worst": worst, "bound": bound, "num_chunks": num_chunks,
+            "rounds": rounds, "steps": steps}
+
+
 def _script():
     import importlib.util
 
@@ -109,6 +160,8 @@ def _script():
             out[f"{method}/{model_name}"] = _compare_sharded_and_single(
                 method, PoissonSampler(200, 0.08, 24, seed=4), "sgd", steps=2,
                 model_name=model_name)
+    print("case secagg", file=sys.stderr, flush=True)
+    out["secagg"] = _compare_secagg_on_two_devices()
     print(json.dumps(out))
 
 
@@ -145,6 +198,17 @@ def test_sharded_conv_models_equal_the_single_device_step(eight_devices, model_n
         r = eight_devices[f"{method}/{model_name}"]
         assert r["same_step"] and r["replicated"]
         assert r["worst_ratio"] <= 1.0, (method, model_name, r)
+
+
+def test_secagg_on_two_devices_equals_one_device_with_one_round_per_step(eight_devices):
+    """dp.aggregation=secagg runs data-parallel: each device holds whole parties, and the
+    parties of all devices meet in one SecAgg round per step (never a round per device or
+    per chunk, which would show the aggregator partial sums)."""
+    r = eight_devices["secagg"]
+    assert max(r["num_chunks"]) >= 2  # an overflowing batch is among the steps
+    # one round per step per run (single-device and sharded), indexed by the step
+    assert r["rounds"] == [t for t in range(r["steps"]) for _ in range(2)]
+    assert r["worst"] <= r["bound"], r
 
 
 def test_the_cases_exercise_padding_and_several_chunks(eight_devices):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpjax.data import _checks
+import dpjax.data._checks as _checks
 from dpjax.data.dataset import Dataset
 from dpjax.data.normalize import PublicStats, check_scheme, normalize_splits
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpjax.data import _checks
+import dpjax.data._checks as _checks
 from dpjax.data.dataset import Dataset
 from dpjax.data.normalize import check_scheme, normalize_splits, user_stats
 

@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dpjax import _validate
+import dpjax._validate as _validate
+import dpjax.fast_clipping.rules as rules
 from dpjax.clip_math import (
     LossFn,
     group_factors,
@@ -34,7 +35,6 @@ from dpjax.clip_math import (
     sq_norms,
     weigh_rows,
 )
-from dpjax.fast_clipping import rules
 from dpjax.fast_clipping.capture import Plan, capture, discover
 
 PyTree = Any

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax import _validate
-from dpjax.secagg import protocol
+import dpjax._validate as _validate
+import dpjax.secagg.protocol as protocol
 from dpjax.secagg.encoding import decode, encode
 from dpjax.secagg.graph import complete_graph, random_regular_graph
 from dpjax.secagg.keys import KeyAgreement, dealer_pair_seeds

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dpjax import _validate
+import dpjax._validate as _validate
 
 INT32_LIMIT = 2**31
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from dpjax import _validate
+import dpjax._validate as _validate
 
 
 def complete_graph(num_parties: int) -> np.ndarray:

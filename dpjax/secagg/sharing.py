@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dpjax import _validate
+import dpjax._validate as _validate
 from dpjax.secagg.chacha import chacha20_stream
 from dpjax.secagg.randomness import Purpose, nonce, simulation_seed
 

@@ -1,0 +1,213 @@
+"""How a step's clipped sums are added up: in the clear, or by secure aggregation.
+
+An aggregation splits each chunk's rows among its parties, computes every
+party's clipped sum (its *partial*), lets the chunks of one step accumulate their
+partials, and only then, once per step, turns the partials into the total the
+privatizer sees (:meth:`finish`):
+
+- :class:`PlainSum`: one party, whoever runs the step; the partial is the sum.
+- :class:`SecAggSum`: ``num_parties`` parties, each a contiguous block of rows of
+  the physical batch. After the last chunk of a step, one SecAgg round
+  (:func:`dpjax.secagg.secure_sum`) over all parties -- of all devices -- yields
+  the total; the aggregator sees the masked party inputs and the total, never a
+  party's sum and never a per-chunk or per-device sum.
+
+Guarantee of :class:`SecAggSum`: the total equals the float sum of the parties'
+clipped sums up to ``quantization_error_bound(n, scale)`` per coordinate.
+Stochastic rounding can move one party's encoded sum by up to ``1 / scale`` per
+coordinate beyond the change of its float sum, so one example changes the
+total by at most ``S + sqrt(d) / scale`` in L2 (``d`` = number of parameters,
+for any fixed rounding draws): :meth:`rounding_slack` is the ``sqrt(d) / scale``
+the mechanism adds to the row sensitivity. Every party's sum of ``m`` rows
+clipped to ``S`` has coordinates of magnitude at most ``m * S``; that public
+bound, for the step's number of chunks, is checked against the fixed-point
+range before anything is encoded, so encoding never wraps and never clamps.
+
+This module glues the SecAgg primitives of :mod:`dpjax.secagg` (which import
+nothing from training code) to the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+import dpjax._validate as _validate
+from dpjax.randomness import Secret, Stream, jax_key, stream_key
+from dpjax.secagg.aggregate import RoundMasks, prepare_round, secure_sum
+from dpjax.secagg.encoding import INT32_LIMIT, check_no_wrap, quantization_error_bound
+
+PyTree = Any
+ROUNDING_STREAM = 1  # a JAX key's fold-in stream for the rounding (the noise uses 0)
+ClippedGradFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainSum:
+    """The clipped sum in the clear: one party, no rounding."""
+
+    num_parties: int = 1
+
+    def rounding_slack(self, num_params: int) -> float:
+        del num_params
+        return 0.0
+
+    def local(self, grad_fn: ClippedGradFn) -> ClippedGradFn:
+        """``(params, batch, mask) -> (partial, per_example_norms)`` of one chunk."""
+        return grad_fn
+
+    def across_devices(self, partial: PyTree, axis_name: str) -> PyTree:
+        """Inside ``shard_map``: the partial of all devices' rows (an all-reduce)."""
+        return jax.lax.psum(partial, axis_name)
+
+    partial_sharded = False  # the combined partial is replicated over devices
+    rounds = False  # no aggregation round: the partial is the total
+
+    def prepare(self, step: int) -> None:
+        """Host-side set-up of step ``step``'s aggregation: nothing to do."""
+        del step
+
+    def finish(self, partial: PyTree, round_input: None, num_chunks: int, key) -> PyTree:
+        del round_input, num_chunks, key
+        return partial
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggSettings:
+    """How the simulated parties aggregate.
+
+    ``threshold`` defaults to a majority of each party's neighbourhood;
+    ``num_neighbours=None`` is the complete graph (SecAgg), an integer ``k``
+    a random k-regular graph (SecAgg+). ``mode="secure"`` draws every mask seed
+    from the operating system; ``"simulation"`` derives them from ``seed`` (public:
+    the aggregator could unmask every party), for reproducible experiments.
+    """
+
+    num_parties: int
+    threshold: int | None = None
+    num_neighbours: int | None = None
+    mode: str = "secure"
+    key_agreement: str = "x25519"
+    seed: int = 0
+
+    def __post_init__(self):
+        _validate.positive_int("num_parties", self.num_parties)
+        if self.num_parties < 2:
+            raise ValueError(f"Expected num_parties={self.num_parties} >= 2 for secure "
+                             "aggregation.")
+        _validate.one_of("mode", self.mode, ("secure", "simulation"))
+        _validate.one_of("key_agreement", self.key_agreement, ("x25519", "trusted_dealer"))
+
+    @property
+    def resolved_threshold(self) -> int:
+        if self.threshold is not None:
+            return self.threshold
+        group = self.num_parties if self.num_neighbours is None else self.num_neighbours + 1
+        return group // 2 + 1
+
+
+def fixed_point_scale(num_parties: int, rows_per_party: int, l2_clip_norm: float) -> float:
+    """The largest power-of-two scale at which ``num_parties`` sums cannot wrap (with a
+    factor-2 margin, so a step whose batch spills into a second chunk fits too)."""
+    max_abs = rows_per_party * l2_clip_norm
+    scale = 2.0 ** (math.floor(math.log2((INT32_LIMIT / num_parties - 1) / max_abs)) - 1)
+    check_no_wrap(max_abs, scale, num_parties)
+    return scale
+
+
+def rounding_key(key, step, sub_index=0) -> jax.Array:
+    """The JAX key of a step's stochastic rounding: from the run's secret (the stream
+    ``(ROUNDING, step, 0)``) or, for a library state holding a JAX key, folded from it."""
+    if isinstance(key, Secret):
+        return jax_key(stream_key(key, Stream.ROUNDING, step, sub_index))
+    return jax.random.fold_in(
+        jax.random.fold_in(jax.random.fold_in(key, ROUNDING_STREAM), step), sub_index
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggSum:
+    """``num_parties`` parties, blocks of ``rows_per_party`` rows of every chunk; one
+    SecAgg round per step over all of them."""
+
+    settings: SecAggSettings
+    rows_per_party: int
+    row_bound: float  # sensitivity(l2_clip_norm): the norm bound of one row's contribution
+
+    @property
+    def num_parties(self) -> int:
+        return self.settings.num_parties
+
+    @property
+    def scale(self) -> float:
+        return fixed_point_scale(self.num_parties, self.rows_per_party, self.row_bound)
+
+    @property
+    def error_bound(self) -> float:
+        """Per-coordinate bound on |aggregated - float sum| of one round."""
+        return quantization_error_bound(self.num_parties, self.scale)
+
+    def rounding_slack(self, num_params: int) -> float:
+        return math.sqrt(num_params) / self.scale
+
+    def local(self, grad_fn: ClippedGradFn) -> ClippedGradFn:
+        """``(params, batch, mask) -> (party sums [n, ...], per_example_norms [P])``."""
+        rows = self.rows_per_party
+
+        def party_sums(params, batch, mask):
+            def per_party(a):
+                return a.reshape((-1, rows) + a.shape[1:])
+
+            sums, norms = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
+                params, jax.tree_util.tree_map(per_party, batch), per_party(mask))
+            return sums, norms.reshape(-1)
+
+        return party_sums
+
+    def across_devices(self, partial: PyTree, axis_name: str) -> PyTree:
+        """Inside ``shard_map``: each device keeps its own parties' sums (no reduction:
+        the parties of all devices meet only in the SecAgg round)."""
+        del axis_name
+        return partial
+
+    partial_sharded = True  # party axis sharded over devices
+    rounds = True  # one SecAgg round per step (with stochastic rounding)
+
+    def prepare(self, step: int) -> RoundMasks:
+        """The round's masks (host side): fresh seeds per step, from the operating system
+        (``mode="secure"``) or from ``(seed, step)`` (``"simulation"``)."""
+        s = self.settings
+        return prepare_round(
+            s.num_parties, threshold=s.resolved_threshold, num_neighbours=s.num_neighbours,
+            round_index=int(step), key_agreement=s.key_agreement, mode=s.mode,
+            seed=s.seed if s.mode == "simulation" else None,
+        )
+
+    def finish(self, partial: PyTree, round_input: RoundMasks, num_chunks: int, key) -> PyTree:
+        """One SecAgg round over the step's party sums (accumulated over ``num_chunks``
+        chunks, so each holds at most ``num_chunks * rows_per_party`` rows)."""
+        max_abs = num_chunks * self.rows_per_party * self.row_bound
+        try:
+            check_no_wrap(max_abs, self.scale, self.num_parties)
+        except ValueError as err:
+            raise ValueError(
+                f"Expected this step's {num_chunks} chunks to fit SecAgg's fixed-point range "
+                f"at scale {self.scale:g}; a batch this much larger than the physical size "
+                "(dp.physical_batch_size) cannot be aggregated in one round without "
+                "wrapping. Raise dp.physical_batch_size."
+            ) from err
+        return secure_sum(partial, scale=self.scale, round_masks=round_input, max_abs=max_abs,
+                          rounding_key=key)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"secagg_scale": self.scale, "secagg_rows_per_party": self.rows_per_party}
+
+
+Aggregator = PlainSum | SecAggSum

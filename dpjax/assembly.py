@@ -1,0 +1,90 @@
+"""A run assembled from its config: the task, the mechanism, the plan and the step.
+
+:func:`assemble` builds everything the step loop of :mod:`dpjax.loop` reads, in
+order: the task (data, model, loss), the planned step count, the devices and the
+physical batch size, the :class:`~dpjax.mechanism.Mechanism` (which calibrates
+sigma for a target epsilon), its jitted step, and the initial state with the
+run's secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import dpjax.checkpoint as checkpoint
+import dpjax.distributed as distributed
+import dpjax.randomness as randomness
+from dpjax.config import RunConfig, perf
+from dpjax.mechanism import Mechanism
+from dpjax.plan import Plan, plan_run, planned_steps
+from dpjax.sampling import PoissonSampler
+from dpjax.task import Task, build_optimizer, build_task
+from dpjax.train import DPStep, TrainState, init_state, make_nonprivate_step, make_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything the step loop reads; fixed before the first step."""
+
+    cfg: RunConfig
+    task: Task
+    mechanism: Mechanism | None  # None: the non-private baseline (dp.enabled=false)
+    plan: Plan
+    physical_batch_size: int
+    step_fn: DPStep
+    mesh: Any  # jax.sharding.Mesh, or None on one device (the unsharded path)
+    checkpointer: checkpoint.Checkpointer
+
+    def sampler(self, secret: randomness.Secret):
+        if self.mechanism is not None:
+            return self.mechanism.sampler(secret)
+        num_train = len(self.task.x_train)
+        return PoissonSampler(num_train, self.cfg.train.batch_size / num_train,
+                              self.physical_batch_size, seed=None, secret=secret)
+
+    def data_fingerprint(self, secret: randomness.Secret) -> str:
+        return checkpoint.data_fingerprint(secret, self.task.x_train, self.task.y_train)
+
+
+def assemble(cfg: RunConfig, out_dir: Path) -> tuple[Run, TrainState]:
+    """The run of ``cfg``: task, mechanism, plan, jitted step, mesh and checkpointer, and a
+    fresh state holding the run's secret (a resume replaces it with the checkpoint's)."""
+    task = build_task(cfg)
+    num_train = len(task.x_train)
+    steps = planned_steps(cfg, num_train)
+    devices = distributed.select_devices(cfg.train.devices)
+    mesh = distributed.make_mesh(devices)
+    d, p = cfg.dp, perf(cfg)
+    parties = d.num_parties if d.enabled and d.aggregation == "secagg" else 1
+    physical = distributed.physical_batch_size(p.physical_batch_size, num_train,
+                                               cfg.train.batch_size / num_train, len(devices),
+                                               parties)
+    if d.enabled and d.sampling == "fixed_size":
+        physical = cfg.train.batch_size
+    optimizer = build_optimizer(cfg.optimizer)
+    mechanism = None
+    if d.enabled:
+        mechanism = Mechanism.from_config(d, num_examples=num_train,
+                                          batch_size=cfg.train.batch_size, steps=steps,
+                                          physical_batch_size=physical, params=task.params,
+                                          seed=cfg.train.seed)
+        step_fn = make_step(task.loss_fn, optimizer, mechanism.clipped, mechanism.privatizer(),
+                            microbatch_size=p.microbatch_size, clipping_method=p.clipping)
+    else:
+        step_fn = make_nonprivate_step(task.loss_fn, optimizer)
+    # The run's secret: fresh per run (secure) or from train.seed (seeded); one per
+    # multi-process run, drawn on process 0. A resume replaces it with the checkpoint's.
+    secret = randomness.broadcast_secret(randomness.run_secret(d.randomness, cfg.train.seed))
+    privatizer = mechanism.privatizer() if mechanism is not None else None
+    state = init_state(task.params, optimizer, secret=secret, privatizer=privatizer)
+    if mesh is not None:
+        step_fn = distributed.shard_step(step_fn, mesh)
+        state = distributed.replicate(state, mesh)
+    resolved = mechanism.fingerprint() if mechanism is not None else {"num_train": num_train}
+    checkpointer = checkpoint.Checkpointer(out_dir / checkpoint.CHECKPOINT_DIR,
+                                           checkpoint.fingerprint(cfg, **resolved))
+    run = Run(cfg, task, mechanism, plan_run(cfg, steps, mechanism), physical, step_fn, mesh,
+              checkpointer)
+    return run, state
