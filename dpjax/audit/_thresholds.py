@@ -14,6 +14,8 @@ from scipy import special
 
 Objective = Callable[[np.ndarray, np.ndarray], np.ndarray]
 _SPLIT_SALT = 0x5EED_5B17
+# Below this many thresholds, evaluating every bound costs less than bracketing.
+_EXACT_BELOW = 1024
 
 
 def cp_upper(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
@@ -86,6 +88,10 @@ def best_threshold(
     Exact: the brackets bound each threshold's objective from both sides, and U
     is evaluated exactly only where the upper side reaches the best lower side.
     """
+    if fp.size <= _EXACT_BELOW:
+        exact = objective(cp_upper(fp, n_out, alpha), cp_upper(fn, n_in, alpha))
+        j = int(np.argmax(exact))
+        return float(exact[j]), j
     fp_low, fp_high = _bracketed_cp(fp, n_out, alpha)
     fn_low, fn_high = _bracketed_cp(fn, n_in, alpha)
     best_low = np.max(objective(fp_high, fn_high))

@@ -73,7 +73,7 @@ def _check_scores(name: str, values: ArrayLike) -> np.ndarray:
             f"Expected {name} to be a non-empty 1-D array of scores, got shape {scores.shape}."
         )
     if not np.all(np.isfinite(scores)):
-        bad = scores[~np.isfinite(scores)][0]
+        bad = float(scores[~np.isfinite(scores)][0])
         raise ValueError(f"Expected {name} to be finite, it holds {bad!r}.")
     return scores
 
