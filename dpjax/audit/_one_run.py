@@ -57,12 +57,14 @@ def _delta_term(r: int, v: int, epsilon: float) -> float:
 
 
 def epsilon_bound(m: int, r: int, v: int, alpha: float, delta: float) -> float:
-    """The largest epsilon whose p-value is below alpha (0 if none).
+    """The largest epsilon whose p-value is at most alpha (0 if none).
 
     Without delta the tail P[W' >= v] = I_q(v, r - v + 1) increases with
     epsilon, so the answer is its exact crossing. With delta the p-value need
     not be monotone; bisection keeps p(low) < alpha, so the value returned is
     always one the test rejects (a valid bound, at worst below the largest).
+    Rejecting epsilon rejects every smaller one ((epsilon, delta)-DP implies
+    (epsilon', delta)-DP for epsilon' > epsilon), so this is a lower bound.
     """
     if v == 0 or p_value(m, r, v, 0.0, delta) >= alpha:
         return 0.0
