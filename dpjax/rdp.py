@@ -29,8 +29,8 @@ Sources:
   Gaussians) and Proposition 14 (the RDP bound with both sensitivities).
 - Subsampling: Zhu, Wang (ICML 2019), "Poisson Subsampled Rényi Differential
   Privacy", Theorem 5 (general upper bound, integer orders >= 2).
-- Conversion: Canonne, Kamath, Steinke (2020) Proposition 12 / Balle et al.
-  (2020) Theorem 21, through dp-accounting's ``rdp.compute_epsilon``.
+- Conversion: Canonne, Kamath, Steinke (2020), Proposition 12; Balle et al.
+  (2020), arXiv:2001.05990, Eq. 20; through dp-accounting's ``rdp.compute_epsilon``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ DEFAULT_ORDERS: tuple[int, ...] = tuple(range(2, 64)) + (64, 80, 96, 128, 192, 2
 # The sum-of-discrete-Gaussians bound (Kairouz et al. 2021, Theorem 1) assumes sigma >= 1/2.
 DDGAUSS_MIN_SIGMA = 0.5
 MAX_PARTY_NOISE = 1e30
+# The subsampling bound sums over every integer order up to the largest asked for.
+MAX_ORDER = 4096
 
 
 class DiscreteNoise(enum.StrEnum):
@@ -66,11 +68,12 @@ def _orders(orders: Sequence[int] | np.ndarray) -> np.ndarray:
     arr = np.asarray(orders)
     if arr.ndim != 1 or arr.size == 0 or arr.dtype == bool or arr.dtype.kind not in "iuf":
         raise ValueError(f"Expected orders={orders!r} to be a non-empty 1-D sequence of numbers.")
-    bad = arr[~(np.isfinite(arr) & (arr == np.round(arr)) & (arr >= 2))]
+    bad = arr[~(np.isfinite(arr) & (arr == np.round(arr)) & (arr >= 2) & (arr <= MAX_ORDER))]
     if bad.size:
         raise ValueError(
-            f"Expected orders={bad.tolist()!r} to be integers >= 2: the subsampling, "
-            "Skellam and discrete-Gaussian bounds used here are proven for integer orders."
+            f"Expected orders={bad.tolist()!r} to be integers from 2 to {MAX_ORDER}: the "
+            "subsampling, Skellam and discrete-Gaussian bounds used here are proven for "
+            "integer orders."
         )
     return arr.astype(np.int64)
 
@@ -94,8 +97,8 @@ def skellam_rdp(
     sum to ``Sk(sum mu_i)``, so ``mu`` is the total variance per coordinate of
     the noise of the honest parties. Guarantee (Agarwal et al. 2021, Theorem
     3.5): for an integer-valued query whose neighbouring values differ by at
-    most ``l1_sensitivity`` in L1 and ``l2_sensitivity`` in L2, at every integer
-    order ``a >= 2`` the mechanism is ``(a, eps(a))``-RDP with
+    most ``D1 = l1_sensitivity`` in L1 and ``D2 = l2_sensitivity`` in L2, at
+    every integer order ``a >= 2`` the mechanism is ``(a, eps(a))``-RDP with
     ``eps(a) = a D2^2 / (2 mu) + min(((2a - 1) D2^2 + 6 D1) / (4 mu^2), 3 D1 / (2 mu))``.
     The first term is the Gaussian mechanism's with the same variance.
     """
@@ -135,9 +138,10 @@ def ddgauss_rdp(
     the ``dim`` coordinates. The sum is not a discrete Gaussian; ``tau =
     ddgauss_tau(sigma, n)`` pays for that. Guarantee (Kairouz et al. 2021,
     Proposition 14 with Theorem 1's tau; needs ``sigma >= 1/2`` when ``n >= 2``):
-    for a query whose neighbouring values differ by at most ``D1`` in L1 and
-    ``D2`` in L2, with ``s = sqrt(n) sigma``, the mechanism is ``(a, eps(a))``-RDP
-    with ``eps(a) = min(a D2^2 / (2 s^2) + tau d,
+    for an integer-valued query whose neighbouring values differ by at most
+    ``D1 = l1_sensitivity`` in L1 and ``D2 = l2_sensitivity`` in L2, with
+    ``s = sqrt(n) sigma`` and ``d = dim``, at every integer order ``a >= 2`` the
+    mechanism is ``(a, eps(a))``-RDP with ``eps(a) = min(a D2^2 / (2 s^2) + tau d,
     a/2 (D2^2 / s^2 + 2 D1 tau / s + tau^2 d), a/2 (D2 / s + tau sqrt(d))^2)``.
     With one party (``tau = 0``) this is the discrete Gaussian's ``a D2^2 / (2 sigma^2)``.
     """
@@ -401,6 +405,7 @@ def calibrate_party_noise(
 __all__: Sequence[str] = (
     "DDGAUSS_MIN_SIGMA",
     "DEFAULT_ORDERS",
+    "MAX_ORDER",
     "DiscreteNoise",
     "calibrate_party_noise",
     "ddgauss_rdp",
