@@ -67,8 +67,9 @@ class SecAggSettings:
     def __post_init__(self):
         _validate.positive_int("num_parties", self.num_parties)
         if self.num_parties < 2:
-            raise ValueError(f"Expected num_parties={self.num_parties} >= 2 for secure "
-                             "aggregation.")
+            raise ValueError(
+                f"Expected num_parties={self.num_parties} >= 2 for secure aggregation."
+            )
         _validate.one_of("mode", self.mode, ("secure", "simulation"))
         _validate.one_of("key_agreement", self.key_agreement, ("x25519", "trusted_dealer"))
 
@@ -128,8 +129,7 @@ class SecAggDPStep:
                 mode=s.mode,
                 seed=s.seed if s.mode == "simulation" else None,
             )
-            summed, st = self.party_sums(state.params, state.key, state.step, i, batch, mask,
-                                         masks)
+            summed, st = self.party_sums(state.params, state.key, state.step, i, batch, mask, masks)
             total, stats = (summed, st) if total is None else self.add(total, stats, summed, st)
         return self.apply(state, total), stats
 
@@ -156,16 +156,21 @@ def make_secagg_dp_step(
     rows = physical_batch_size // n
     bound = sensitivity(l2_clip_norm)
     scale = fixed_point_scale(n, rows, bound)
-    grad_fn = clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, microbatch_size=microbatch_size,
-                           method=clipping_method)
+    grad_fn = clipped_grad(
+        loss_fn, l2_clip_norm=l2_clip_norm, microbatch_size=microbatch_size, method=clipping_method
+    )
     _validate.non_negative("noise_multiplier", noise_multiplier)
     _validate.positive("expected_batch_size", expected_batch_size)
 
     def gradient(state: TrainState, summed: PyTree) -> PyTree:
         num_params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(summed))
-        return privatize(summed, noise_key(state), noise_multiplier=noise_multiplier,
-                         l2_clip_norm=secagg_sensitivity(l2_clip_norm, num_params, scale),
-                         expected_batch_size=expected_batch_size)
+        return privatize(
+            summed,
+            noise_key(state),
+            noise_multiplier=noise_multiplier,
+            l2_clip_norm=secagg_sensitivity(l2_clip_norm, num_params, scale),
+            expected_batch_size=expected_batch_size,
+        )
 
     @jax.jit
     def party_sums(params, key, step, chunk_index, batch, mask, round_masks):
@@ -178,10 +183,20 @@ def make_secagg_dp_step(
         rounding_key = jax.random.fold_in(
             jax.random.fold_in(jax.random.fold_in(key, ROUNDING_STREAM), step), chunk_index
         )
-        total = secure_sum(sums, scale=scale, round_masks=round_masks, max_abs=rows * bound,
-                           rounding_key=rounding_key)
+        total = secure_sum(
+            sums,
+            scale=scale,
+            round_masks=round_masks,
+            max_abs=rows * bound,
+            rounding_key=rounding_key,
+        )
         return total, _stats(norms.reshape(-1), mask, bound)
 
-    return SecAggDPStep(settings, scale, quantization_error_bound(n, scale), party_sums,
-                        jax.jit(add_sums, donate_argnums=(0, 1)),
-                        jax.jit(make_apply(gradient, optimizer), donate_argnums=0))
+    return SecAggDPStep(
+        settings,
+        scale,
+        quantization_error_bound(n, scale),
+        party_sums,
+        jax.jit(add_sums, donate_argnums=(0, 1)),
+        jax.jit(make_apply(gradient, optimizer), donate_argnums=0),
+    )
