@@ -118,11 +118,14 @@ def _stirling_tail(k: jax.Array) -> jax.Array:
 
 
 def _g(u: jax.Array) -> jax.Array:
-    """``(1 + u) log1p(u) - u`` without cancellation for small ``|u|``."""
-    series = u * u * (1 / 2 - u * (1 / 6 - u * (1 / 12 - u * (1 / 20 - u * (
-        1 / 30 - u * (1 / 42 - u * (1 / 56 - u * (1 / 72 - u / 90))))))))  # fmt: skip
+    """``(1 + u) log1p(u) - u`` without cancellation: its series for ``|u| < 1/4``."""
+    # g(u) = sum_{n >= 2} (-u)^n / (n (n - 1)); 16 terms leave < 1e-11 relative at |u| = 1/4.
+    series = jnp.zeros_like(u)
+    for n in range(17, 1, -1):
+        series = series * (-u) + np.float32(1.0 / (n * (n - 1)))
+    series = series * u * u
     direct = (1 + u) * jnp.log1p(jnp.maximum(u, -1 + 1e-7)) - u
-    return jnp.where(jnp.abs(u) < 0.1, series, direct)
+    return jnp.where(jnp.abs(u) < 0.25, series, direct)
 
 
 def _poisson_log_pmf(y: jax.Array, k: _Constants) -> jax.Array:
