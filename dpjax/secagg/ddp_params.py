@@ -161,6 +161,25 @@ def _sensitivities(gamma, *, unit, clip, party_bound, size, rel_float, rounding_
     return l2, l2 * min(l2, math.sqrt(size)), bound
 
 
+def _gamma_guess(sigma, clip, party_bound, size, n, h, bits) -> float:
+    """Where the Gaussian approximation puts 6 standard deviations of the sum at ``2^(bits-1)``."""
+    per_gamma = math.sqrt(n * sigma**2 * clip**2 / h + n**2 * party_bound**2 / size)
+    return max(2.0 ** (bits - 1) / 6 - sigma * math.sqrt(n * size / h), 1.0) / per_gamma
+
+
+def _bracket(feasible, tiny: float, guess: float) -> tuple[float, float]:
+    """``(low, high)`` with ``feasible(low)`` and not ``feasible(high)`` (``feasible(tiny)``)."""
+    if feasible(guess):
+        low = guess
+        while feasible(low * 2):
+            low *= 2
+        return low, low * 2
+    high = guess
+    while high / 2 > tiny and not feasible(high / 2):
+        high /= 2
+    return max(high / 2, tiny), high
+
+
 def choose_parameters(
     *,
     noise_multiplier: float,
@@ -259,12 +278,11 @@ def choose_parameters(
             f"probability <= {wrap_probability} (d={dim}, n={num_parties}, noise_multiplier="
             f"{noise_multiplier}); {hint}."
         )
-    low, high = tiny, tiny
-    while evaluate(high, bits)[0] is None:
-        low, high = high, high * 4
-    for _ in range(60):  # bisection in log scale to relative 1e-6
-        if high / low < 1 + 1e-6:
-            break
+    low, high = _bracket(lambda g: evaluate(g, bits)[0] is None, tiny, _gamma_guess(
+        noise_multiplier, l2_clip_norm, party_l2_bound, size, num_parties,
+        min_honest_survivors, bits,
+    ))  # fmt: skip
+    while high / low > 1 + 1e-4:  # bisection in log scale
         mid = math.sqrt(low * high)
         low, high = (mid, high) if evaluate(mid, bits)[0] is None else (low, mid)
     limited_by = evaluate(high, bits)[0]

@@ -48,7 +48,7 @@ def centered_lift(residues: jax.Array, bits: int) -> jax.Array:
     if bits == 32:
         return lax.bitcast_convert_type(residues, jnp.int32)
     signed = residues.astype(jnp.int32)
-    return jnp.where(signed >= (1 << (bits - 1)), signed - np.int32(1 << bits), signed)
+    return jnp.where(signed >= (1 << (bits - 1)), signed + np.int32(-(1 << bits)), signed)
 
 
 def masked_input_mod(

@@ -9,7 +9,7 @@ rotated, rounded signal. The lift is correct iff ``-r <= S_j < r``,
    ``P(A + N >= r) = E_A P(N >= ceil(r - A)) <= E[e^{tA}] sup_k P(N >= k) e^{t(k-r)}``,
    because ``e^{t(r - ceil(r - A))} <= e^{tA}``. The supremum is taken over
    every integer ``k``: exactly on a window of integers, and outside it by
-   ``P(N >= k) <= 1`` below and Chernoff (``E e^{2tN} e^{-t k}``) above.
+   Chernoff (``E e^{t'N} e^{-t'k}`` with ``t' = t/2`` below, ``2t`` above).
 2. Signal mgf: the rotated sum of the survivors' vectors ``Y`` (each
    ``||y_u|| <= c``, so ``||Y|| <= s c``) has coordinates that are
    Rademacher sums with ``E e^{t (RSY)_j} <= exp(t^2 flatness ||Y||^2 / (2D))``;
@@ -49,6 +49,8 @@ import numpy as np
 from scipy import optimize, special
 
 _MAX_WINDOW_STD = 2.0**17
+_MAX_WINDOW = 2**20
+_MAX_T = 20.0
 
 
 def ddg_tau(sigma: float, num_parties: int) -> float:
@@ -121,29 +123,35 @@ def wrap_probability_bound(
     shift = n * (shift_per_party + 2.0**-24)
     log_cond = -n * math.log1p(-rounding_beta) if rounding_beta else 0.0
     t0 = r / (total + var_a)
+    k0 = t0 * total  # where sup_k P(N >= k) e^{tk} is attained near the optimal t
+    k_a = max(1, math.floor(0.6 * k0 - 10 * noise_sd))
+    k_b = math.ceil(1.3 * k0 + 14 * noise_sd + 10)
     window = None
-    if noise_sd <= _MAX_WINDOW_STD:
-        k_a = max(1, math.floor(0.3 * t0 * total))
-        k_b = math.ceil(r + 14 * noise_sd + 10)
+    if noise_sd <= _MAX_WINDOW_STD and k_b - k_a <= _MAX_WINDOW:
         ks = np.arange(k_a, k_b + 1, dtype=np.float64)
-        window = (k_a, k_b, ks, _log_tail_window(noise, total, tau, ks))
+        window = (ks, _log_tail_window(noise, total, tau, ks))
 
     def log_h(t: float) -> float:
         if window is None:
             return -t * r + max(0.0, _log_mgf_noise(noise, total, t))
-        k_a, k_b, ks, log_tail = window
+        ks, log_tail = window
         inside = float(np.max(log_tail + t * ks))
+        # k < k_a: Chernoff at t/2 (or P <= 1); k > k_b: Chernoff at 2t.
+        below = min(t * (k_a - 1), _log_mgf_noise(noise, total, t / 2) + t * (k_a - 1) / 2)
         above = _log_mgf_noise(noise, total, 2 * t) - t * (k_b + 1)
-        return -t * r + max(0.0, t * (k_a - 1), inside, above)
+        return -t * r + max(0.0, below, inside, above)
 
     def objective(log_t: float) -> float:
         t = math.exp(log_t)
         return log_h(t) + t * shift + t * t * var_a / 2 + log_cond
 
+    # Any t > 0 gives a valid bound; t <= 20 keeps cosh finite (beyond, the bound is ~e^{-20 r}).
+    t_high = min(50 * t0, _MAX_T)
+    t_low = min(t0 / 50, t_high / 2)
     best = optimize.minimize_scalar(
-        objective, bounds=(math.log(t0 / 50), math.log(t0 * 50)), method="bounded",
+        objective, bounds=(math.log(t_low), math.log(t_high)), method="bounded",
         options={"xatol": 1e-6},
     )  # fmt: skip
-    log_bound = math.log(2 * size) + min(best.fun, objective(math.log(t0)))
+    log_bound = math.log(2 * size) + min(best.fun, objective(math.log(min(t0, t_high))))
     failures = n * rounding_beta**max_rounding_tries if rounding_beta else 0.0
     return min(1.0, math.exp(min(log_bound, 0.0)) + failures)
