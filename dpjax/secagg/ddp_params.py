@@ -235,6 +235,9 @@ def choose_parameters(
         raise ValueError(f"Expected wrap_probability={wrap_probability} in (0, 1).")
     if not 0 < rounding_beta < 1:
         raise ValueError(f"Expected rounding_beta={rounding_beta} in (0, 1).")
+    _validate.one_of("unit", unit, tuple(Unit))
+    _validate.one_of("noise", noise, tuple(Noise))
+    _validate.one_of("rotation", rotation, tuple(rotation_lib.Rotation))
     unit, noise, rotation = Unit(unit), Noise(noise), rotation_lib.Rotation(rotation)
     size = rotation_lib.padded_dim(dim, rotation)
     rel_float = rotation_lib.float_error_bound(dim, rotation)

@@ -51,6 +51,7 @@ from scipy import optimize, special
 _MAX_WINDOW_STD = 2.0**17
 _MAX_WINDOW = 2**20
 _MAX_T = 20.0
+_CHERNOFF_GRID = tuple(np.linspace(0.0, 1.0, 33)[:-1])  # t'/t below, t/t' above
 
 
 def ddg_tau(sigma: float, num_parties: int) -> float:
@@ -60,8 +61,10 @@ def ddg_tau(sigma: float, num_parties: int) -> float:
 
 
 def _log_mgf_noise(noise: str, total: float, t: float) -> float:
-    """``log E e^{tN}`` (upper bound) for the summed noise."""
+    """``log E e^{tN}`` (upper bound) for the summed noise; ``inf`` past float range."""
     if noise == "skellam":
+        if t > 700:
+            return math.inf
         return total * (math.cosh(t) - 1)  # Sk(mu): exactly mu (cosh t - 1)
     return total * t * t / 2  # sum of DGs: each is sub-Gaussian (Canonne et al. 2020, Cor. 9)
 
@@ -136,9 +139,14 @@ def wrap_probability_bound(
             return -t * r + max(0.0, _log_mgf_noise(noise, total, t))
         ks, log_tail = window
         inside = float(np.max(log_tail + t * ks))
-        # k < k_a: Chernoff at t/2 (or P <= 1); k > k_b: Chernoff at 2t.
-        below = min(t * (k_a - 1), _log_mgf_noise(noise, total, t / 2) + t * (k_a - 1) / 2)
-        above = _log_mgf_noise(noise, total, 2 * t) - t * (k_b + 1)
+        # k < k_a: P(N >= k) e^{tk} <= E e^{t'N} e^{(t - t')(k_a - 1)} for t' in [0, t];
+        # k > k_b: <= E e^{t'N} e^{-(t' - t)(k_b + 1)} for t' > t. Any such t' is valid.
+        fractions = _CHERNOFF_GRID
+        below = min(
+            _log_mgf_noise(noise, total, t * f) + t * (1 - f) * (k_a - 1) for f in fractions
+        )
+        above = min(_log_mgf_noise(noise, total, t / f) - t * (1 / f - 1) * (k_b + 1)
+                    for f in fractions[1:])  # fmt: skip
         return -t * r + max(0.0, below, inside, above)
 
     def objective(log_t: float) -> float:
@@ -147,7 +155,7 @@ def wrap_probability_bound(
 
     # Any t > 0 gives a valid bound; t <= 20 keeps cosh finite (beyond, the bound is ~e^{-20 r}).
     t_high = min(50 * t0, _MAX_T)
-    t_low = min(t0 / 50, t_high / 2)
+    t_low = min(t0, _MAX_T) / 1000
     best = optimize.minimize_scalar(
         objective, bounds=(math.log(t_low), math.log(t_high)), method="bounded",
         options={"xatol": 1e-6},
