@@ -1,5 +1,6 @@
 """The distributed-DP round end to end: exact modular sums, decoding, who sees what."""
 
+import functools
 import inspect
 
 import jax
@@ -46,6 +47,20 @@ def _params(n, dim, bits, unit="user", noise="skellam"):
     )
 
 
+@functools.partial(jax.jit, static_argnames="params")
+def _components(x, params, rotation_key, rounding_keys, noise_keys):
+    """Every party's rounded vector and noise, recomputed from its keys (one compiled program)."""
+
+    def one(args):
+        xu, rounding_key, noise_key = args
+        rounded, _ = ddp.party_round(
+            xu, params, rotation_key=rotation_key, rounding_key=rounding_key
+        )
+        return rounded, ddp.party_noise(noise_key, params)[0]
+
+    return jax.lax.map(one, (x, rounding_keys, noise_keys))
+
+
 def _keys(n, seed):
     return jax.random.split(jax.random.key(seed), n), jax.random.split(jax.random.key(seed + 1), n)
 
@@ -54,7 +69,7 @@ def _keys(n, seed):
     "n, unit, noise, neighbours",
     [
         (2, "user", "skellam", None),
-        (7, "example", "ddgauss", None),
+        pytest.param(7, "example", "ddgauss", None, marks=pytest.mark.slow),
         pytest.param(100, "user", "ddgauss", 8, marks=pytest.mark.slow),
     ],
 )
@@ -88,13 +103,8 @@ def test_decoded_sum_is_the_exact_noisy_integer_sum(n, unit, noise, neighbours):
     assert not np.any(np.asarray(report.rounding_failed))
     assert not np.any(np.asarray(report.noise_failures))
     # The parties' integers, recomputed with their keys; summed exactly in int64.
-    rounded = jnp.stack(
-        [
-            ddp.party_round(x[u], params, rotation_key=rkey, rounding_key=rounding_keys[u])[0]
-            for u in survivors
-        ]
-    )
-    noise = jnp.stack([ddp.party_noise(noise_keys[u], params)[0] for u in survivors])
+    rounded, noise = _components(x, params, rkey, rounding_keys, noise_keys)
+    rounded, noise = np.asarray(rounded)[survivors], np.asarray(noise)[survivors]
     integer_sum = np.asarray(rounded, np.int64).sum(0) + np.asarray(noise, np.int64).sum(0)
     assert np.max(np.abs(integer_sum)) < 2 ** (bits - 1)  # no wrap at this size
     # Decoding: inverse rotation (dense scipy Hadamard) of the integer sum, divided by gamma.
@@ -122,28 +132,13 @@ def test_wrap_around_is_handled_modulo_2_to_the_bits():
     masks = prepare_round(n, threshold=2, mode="simulation", seed=9)
     rkey = rotation.rotation_key(seed=2, round_index=0)
     rounding_keys, noise_keys = _keys(n, 5)
-    encoded = jnp.stack(
-        [
-            ddp.party_encode(
-                x[u],
-                params,
-                rotation_key=rkey,
-                rounding_key=rounding_keys[u],
-                noise_key=noise_keys[u],
-            )[0]
-            for u in range(n)
-        ]
+    encode = jax.jit(
+        jax.vmap(functools.partial(ddp.party_encode, params=params, rotation_key=rkey))
     )
+    encoded, _ = encode(x, rounding_key=rounding_keys, noise_key=noise_keys)
     total = modular.secure_sum_mod(encoded, bits=bits, round_masks=masks)
-    rounded = [
-        ddp.party_round(x[u], params, rotation_key=rkey, rounding_key=rounding_keys[u])[0]
-        for u in range(n)
-    ]
-    noise = [ddp.party_noise(noise_keys[u], params)[0] for u in range(n)]
-    integer_sum = sum(
-        np.asarray(r, np.int64) + np.asarray(z, np.int64)
-        for r, z in zip(rounded, noise, strict=True)
-    )
+    rounded, noise = _components(x, params, rkey, rounding_keys, noise_keys)
+    integer_sum = np.asarray(rounded, np.int64).sum(0) + np.asarray(noise, np.int64).sum(0)
     assert np.max(np.abs(integer_sum)) >= 2 ** (bits - 1)  # it did wrap
     np.testing.assert_array_equal(np.asarray(total, np.int64), integer_sum % 2**bits)
 
