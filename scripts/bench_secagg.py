@@ -1,4 +1,4 @@
-"""Benchmark of dpjax.secagg: PRG throughput, one SecAgg round, a Paillier baseline.
+"""Benchmark of dpjax.secagg: PRG throughput, one SecAgg round, distributed DP, a Paillier baseline.
 
 Prints one table per measurement. Times are the best of a few runs after a
 warm-up (compilation excluded) on whatever CPU this runs on. The full size
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.secagg import chacha20_stream, encode, prepare_round, protocol
+from dpjax.secagg import chacha20_stream, ddp, ddp_params, encode, modular, prepare_round, protocol
 
 _mask = jax.jit(protocol.masked_input)
 _aggregate = jax.jit(protocol.aggregate_masked)
@@ -102,6 +102,58 @@ def bench_plain_sum(n: int, d: int) -> float:
     return best_time(jax.jit(lambda v: jnp.sum(v, axis=0)), x)
 
 
+def bench_ddp_party(n: int, d: int, k: int, bits: int) -> None:
+    """Per-party time of a distributed-DP round (rotate, round, noise, mask) vs a plain one.
+
+    Both parties mask against the same k-regular SecAgg+ graph; the plain party
+    encodes with stochastic rounding (as ``secure_sum``). The ratio is measured
+    within this run, the two interleaved (best of 3 each).
+    """
+    masks = prepare_round(n, threshold=k // 2 + 1, num_neighbours=k, mode="simulation", seed=0)
+    keys, nonces, weights = masks.party_keys[0], masks.party_nonces[0], masks.party_weights[0]
+    x = jax.random.normal(jax.random.key(4), (d,))
+    x = x / jnp.linalg.norm(x)
+
+    @jax.jit
+    def plain(x, key):
+        encoded = encode(x, 2.0**16, key=key, max_abs=1.0, num_parties=n)
+        return protocol.masked_input(encoded, keys, nonces, weights)
+
+    print(
+        f"\n## Distributed DP: one party, d = 2^{d.bit_length() - 1}, {bits} bits, "
+        f"n = {n}, k = {k} (per-party time; compilation excluded)"
+    )
+    print(
+        "| noise | unit | gamma | noise inflation | party s (rotate+round+noise+mask) | "
+        "plain party s (encode+mask) | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for noise, unit in (("skellam", "user"), ("ddgauss", "user"), ("skellam", "example")):
+        params = ddp_params.choose_parameters(
+            noise_multiplier=1.0, l2_clip_norm=1.0, party_l2_bound=1.0, dim=d, num_parties=n,
+            min_honest_survivors=max(1, (4 * n) // 5), bits=bits, unit=unit, noise=noise,
+        )  # fmt: skip
+
+        @jax.jit
+        def party(x, key, params=params):
+            encoded, report = ddp.party_encode(
+                x, params, rotation_key=jax.random.fold_in(key, 0),
+                rounding_key=jax.random.fold_in(key, 1), noise_key=jax.random.fold_in(key, 2),
+            )  # fmt: skip
+            return modular.masked_input_mod(encoded, keys, nonces, weights, bits=bits), report
+
+        t_ddp = t_plain = float("inf")
+        for i in range(3):  # interleaved: the machine's load affects both alike
+            t_ddp = min(t_ddp, best_time(party, x, jax.random.key(i), repeats=1))
+            t_plain = min(t_plain, best_time(plain, x, jax.random.key(i), repeats=1))
+        print(
+            f"| {noise} | {unit} | {params.gamma:.4g} | {params.noise_inflation:.3f} | "
+            f"{t_ddp:.3f} | {t_plain:.3f} | {t_ddp / t_plain:.2f} |",
+            flush=True,
+        )
+    print("target: ratio <= 1.5")
+
+
 def bench_paillier(n: int, d: int, num_values: int) -> None:
     print("\n## Paillier baseline (phe, 2048-bit keys)")
     try:
@@ -138,6 +190,7 @@ def main() -> None:
     parser.add_argument("--num-parties", type=int, default=100)
     parser.add_argument("--log2-dim", type=int, default=20)
     parser.add_argument("--neighbours", type=int, default=8)
+    parser.add_argument("--ddp-only", action="store_true", help="only the distributed-DP table")
     parser.add_argument("--measured-parties", type=int, default=3,
                         help="complete graph: parties timed (rest extrapolated)")  # fmt: skip
     args = parser.parse_args()
@@ -147,6 +200,9 @@ def main() -> None:
     print(f"# dpjax.secagg benchmark  ({platform.processor() or platform.machine()}, "
           f"{jax.device_count()} {jax.default_backend()} device, jax {jax.__version__}, "
           f"numpy {np.__version__}, python {platform.python_version()})")  # fmt: skip
+    if args.ddp_only:
+        bench_ddp_party(n, d, args.neighbours, 16)
+        return
     prg_word = bench_prg(2**20 if args.quick else max(d, 2**22))
 
     print(f"\n## One aggregation round, n = {n} parties, d = 2^{args.log2_dim} words")
@@ -175,6 +231,7 @@ def main() -> None:
         row = complete[m, 0.0].split("|")
         print(f"| {m} | {row[5].strip()} | {row[7].strip()} | {row[8].strip()} |", flush=True)
 
+    bench_ddp_party(n, d, args.neighbours, 16)
     bench_paillier(n, d, 8 if args.quick else 40)
 
 

@@ -134,7 +134,8 @@ def prepare_round(
     )
 
 
-def _flatten(per_party_updates: PyTree) -> tuple[jax.Array, Any]:
+def flatten_parties(per_party_updates: PyTree) -> tuple[jax.Array, Any]:
+    """``(float32[n, D], spec)``: each party's leaves concatenated; ``spec`` undoes it."""
     leaves, treedef = jax.tree_util.tree_flatten(per_party_updates)
     n = leaves[0].shape[0]
     if any(leaf.ndim < 1 or leaf.shape[0] != n for leaf in leaves):
@@ -143,7 +144,8 @@ def _flatten(per_party_updates: PyTree) -> tuple[jax.Array, Any]:
     return flat, (treedef, [leaf.shape[1:] for leaf in leaves], [leaf.dtype for leaf in leaves])
 
 
-def _unflatten(flat: jax.Array, spec: Any) -> PyTree:
+def unflatten_party(flat: jax.Array, spec: Any) -> PyTree:
+    """One party's pytree from its flat ``D`` coordinates (inverse of :func:`flatten_parties`)."""
     treedef, shapes, dtypes = spec
     sizes = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
     parts = jnp.split(flat, sizes)
@@ -176,7 +178,7 @@ def secure_sum(
       float pytree shaped like one party's update: ``sum_{u in survivors} x_u``
       within ``quantization_error_bound(n, scale)`` per coordinate.
     """
-    flat, spec = _flatten(per_party_updates)
+    flat, spec = flatten_parties(per_party_updates)
     n = flat.shape[0]
     if round_masks.party_keys.shape[0] != n:
         raise ValueError(
@@ -195,4 +197,4 @@ def secure_sum(
     total = protocol.aggregate_masked(
         arrived, round_masks.unmask_keys, round_masks.unmask_nonces, round_masks.unmask_weights
     )
-    return _unflatten(decode(total, scale), spec)
+    return unflatten_party(decode(total, scale), spec)
