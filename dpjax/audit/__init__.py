@@ -1,0 +1,1 @@
+"""Empirical privacy audits (epsilon lower bounds, canaries, exposure)."""
