@@ -138,7 +138,7 @@ class DecoderLM(nn.Module):
     """Decoder-only transformer: ``tokens [N, T] -> logits [N, T, vocab_size]``, ``T <= context``.
 
     The default (2 layers, width 128, 4 heads, context 128, vocab 259) has
-    about 0.47M parameters and trains on a CPU.
+    479,747 parameters and trains on a CPU.
     """
 
     vocab_size: int = 259

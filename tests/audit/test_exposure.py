@@ -21,7 +21,7 @@ from dpjax.audit.exposure import (
     rank_of,
     uniform_rank_exposure_moments,
 )
-from dpjax.data.canaries import make_canaries
+from dpjax.data.canaries import make_canaries, secret_index
 from dpjax.data.text import encode, load_private_text
 from dpjax.models.transformer import DecoderLM, lm_loss
 
@@ -34,14 +34,24 @@ def _init(model: DecoderLM, seed: int = 0):
     return init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
+ALPHABET, LENGTH = "0123", 5  # 1024 candidates, 4 trie levels (3 ancestor slots)
+
+
 @pytest.fixture(scope="module")
 def random_lm():
     model = DecoderLM(**SMALL)
     return model, _init(model)
 
 
+@pytest.fixture(scope="module")
+def trie(random_lm):
+    """One compiled trie scorer; chunks of 128 nodes: levels padded, the last one split."""
+    model, _ = random_lm
+    return make_candidate_scorer(model, alphabet=ALPHABET, secret_length=LENGTH, max_chunk=128)
+
+
 def _brute_force_bits(model, params, prefix: str, alphabet: str, length: int) -> np.ndarray:
-    """Log-perplexity (bits) of every candidate: each full sequence through the model."""
+    """``[|R|, length]``: each candidate's per-character NLL (bits), whole sequences run."""
     ids = encode(prefix)[:-1]
     n = len(alphabet) ** length
     digits = (np.arange(n)[:, None] // len(alphabet) ** np.arange(length)[::-1]) % len(alphabet)
@@ -53,23 +63,22 @@ def _brute_force_bits(model, params, prefix: str, alphabet: str, length: int) ->
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     p = len(ids)
     rows = np.arange(n)
-    return -sum(logp[rows, p - 1 + j, seqs[:, p + j]] for j in range(length)) / math.log(2)
+    terms = [logp[rows, p - 1 + j, seqs[:, p + j]] for j in range(length)]
+    return -np.stack(terms, axis=1) / math.log(2)
 
 
-def test_trie_and_batched_scores_equal_brute_force(random_lm):
+def test_trie_and_batched_scores_equal_brute_force(random_lm, trie):
     model, params = random_lm
-    alphabet, length = "0123", 5  # 1024 candidates, 4 trie levels (3 ancestor slots)
-    expected = _brute_force_bits(model, params, PREFIX, alphabet, length)
-    trie = make_candidate_scorer(model, alphabet=alphabet, secret_length=length, max_chunk=64)
+    alphabet, length = ALPHABET, LENGTH
+    terms = _brute_force_bits(model, params, PREFIX, alphabet, length)
+    expected = terms.sum(axis=1)
     np.testing.assert_allclose(trie(params, PREFIX), expected, rtol=1e-5, atol=1e-4)
     batched = make_secret_scorer(model, alphabet=alphabet, secret_length=length, batch_size=300)
     picks = np.array([0, 5, 1023, 517, 517])
     np.testing.assert_allclose(batched(params, PREFIX, picks), expected[picks], rtol=1e-5,
                                atol=1e-4)
-    short = make_candidate_scorer(model, alphabet="0123456789", secret_length=1)
-    np.testing.assert_allclose(short(params, PREFIX),
-                               _brute_force_bits(model, params, PREFIX, "0123456789", 1),
-                               rtol=1e-5, atol=1e-4)
+    one_char = make_candidate_scorer(model, alphabet=alphabet, secret_length=1)
+    np.testing.assert_allclose(one_char(params, PREFIX), terms[::4**4, 0], rtol=1e-5, atol=1e-4)
 
 
 def test_rank_counts_ties_against_the_canary_and_exposure_is_log2_ratio():
@@ -90,27 +99,29 @@ def test_uniform_rank_moments_match_a_direct_sum():
     assert mean == pytest.approx(1 / math.log(2), abs=1e-7) and std == 1 / math.log(2)
 
 
-def test_random_model_gives_the_uniform_rank_null_distribution(random_lm):
-    """400 fresh canaries, |R| = 1000: mean exposure within 4 standard errors of the exact mean.
+def test_random_model_gives_the_uniform_rank_null_distribution(random_lm, trie):
+    """400 fresh canaries, |R| = 4^5 = 1024: mean exposure within 4 standard errors.
 
     With a model that knows nothing about the secret its rank is uniform on
     1..|R|; exposure then has mean log2|R| - log2(|R|!)/|R| = 1.436 and standard
     deviation 1.421 (computed below), so the standard error of the mean is 0.071.
     """
     model, params = random_lm
-    num = 400
-    canaries = make_canaries(seed=11, repetitions=(), num_fresh=num, secret_length=3)
-    report = measure_exposure(model, params, canaries)
-    assert report.by_repetitions == {} and len(report.fresh) == num
-    scores = make_candidate_scorer(model, alphabet="0123456789", secret_length=3)(
-        params, canaries.fresh[0].prefix)
-    assert len(np.unique(scores)) == 1000  # no ties: ranks are uniform
-    ranks = np.arange(1, 1001)
-    exact = math.log2(1000) - np.log2(ranks)
+    num, space = 400, 4**5
+    canaries = make_canaries(seed=11, repetitions=(), num_fresh=num, secret_length=LENGTH,
+                             alphabet=ALPHABET)
+    exposures, ties = [], 0
+    for canary in canaries.fresh:
+        scores = trie(params, canary.prefix)
+        ties += space - len(np.unique(scores))
+        rank = rank_of(scores, secret_index(canary.secret, ALPHABET))
+        exposures.append(exposure_from_rank(rank, space))
+    assert ties < num  # fewer than one tie per canary: ranks are (nearly) uniform
+    exact = math.log2(space) - np.log2(np.arange(1, space + 1))
     mean, std = exact.mean(), exact.std()
     assert mean == pytest.approx(1.436, abs=1e-3) and std == pytest.approx(1.421, abs=1e-3)
-    assert abs(np.mean(report.fresh) - mean) < 4 * std / math.sqrt(num)
-    assert min(report.fresh) >= 0 and max(report.fresh) <= math.log2(1000)
+    assert abs(np.mean(exposures) - mean) < 4 * std / math.sqrt(num)
+    assert min(exposures) >= 0 and max(exposures) <= math.log2(space)
 
 
 @pytest.mark.parametrize("quantile", [1 / 4, 1 / 64])
