@@ -44,6 +44,8 @@ from dpjax.models.transformer import DecoderLM
 
 PyTree = Any
 METHODS = ("enumerate", "extrapolate")
+MAX_ENUMERATED = 10**8
+"""Largest candidate space :func:`make_candidate_scorer` enumerates (0.8 GB of float64 scores)."""
 
 
 def uniform_rank_exposure_moments(space_size: int) -> tuple[float, float]:
@@ -147,6 +149,10 @@ def make_candidate_scorer(
         raise ValueError(f"Expected secret_length={secret_length!r} to be an integer >= 1.")
     if isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or max_chunk < 1:
         raise ValueError(f"Expected max_chunk={max_chunk!r} to be an integer >= 1.")
+    if base**secret_length > MAX_ENUMERATED:
+        raise ValueError(f"Expected at most {MAX_ENUMERATED:.0e} candidates to enumerate; "
+                         f"{alphabet!r} ** {secret_length} has {base**secret_length:.1e}. Use "
+                         "extrapolation (method='extrapolate') for larger spaces.")
     chunk = min(max_chunk, base ** (secret_length - 1))
     offsets = _node_offsets(base, secret_length)
     stored = offsets[-1] + (base ** (secret_length - 2) if secret_length > 2 else 0)
@@ -203,21 +209,22 @@ def make_candidate_scorer(
 def make_secret_scorer(
     model: DecoderLM, *, alphabet: str, secret_length: int, batch_size: int = 1024
 ) -> Callable[[PyTree, str, np.ndarray], np.ndarray]:
-    """``score(params, prefix, indices) -> Px`` (bits) of the secrets with these indices.
+    """``score(params, prefix, secrets) -> Px`` (bits) of given secrets, in batches.
 
-    For sampled candidates (extrapolation): the prefix runs once per batch of
-    ``batch_size`` secrets, each secret's characters as one cached extension.
+    ``secrets`` is ``[M, secret_length]`` of character positions in
+    ``alphabet`` (any space size: no index arithmetic). For sampled candidates
+    (extrapolation): the prefix runs once per batch of ``batch_size`` secrets,
+    each secret's characters as one cached extension.
     """
     alpha = _alphabet_tokens(alphabet)
+    host_alpha = np.asarray(alpha)
     base = len(alphabet)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected batch_size={batch_size!r} to be an integer >= 1.")
-    powers = jnp.asarray([base ** (secret_length - 1 - i) for i in range(secret_length)])
 
     @jax.jit
-    def scores(params, ids, prefix_len, indices):
+    def scores(params, ids, prefix_len, chars):
         first, shared, shared_mask = _prefix_cache(model, params, ids, prefix_len)
-        chars = alpha[(indices[:, None] // powers) % base]
         nll = -first[chars[:, 0]]
         if secret_length > 1:
             n = chars.shape[0]
@@ -231,21 +238,22 @@ def make_secret_scorer(
             nll = nll - jnp.sum(jnp.take_along_axis(logp, chars[:, 1:, None], -1)[..., 0], -1)
         return nll / math.log(2)
 
-    def score(params: PyTree, prefix: str, indices: np.ndarray) -> np.ndarray:
+    def score(params: PyTree, prefix: str, secrets: np.ndarray) -> np.ndarray:
         ids, n = _prefix_ids(model, prefix, secret_length)
-        indices = np.asarray(indices, np.int64)
-        if base**secret_length > np.iinfo(np.int32).max:
-            raise ValueError(f"Expected a candidate space of at most 2^31 - 1 for indexed "
-                             f"scoring; got {base}^{secret_length}.")
+        secrets = np.asarray(secrets)
+        if (secrets.ndim != 2 or secrets.shape[1] != secret_length
+                or not np.issubdtype(secrets.dtype, np.integer)
+                or (secrets.size and (secrets.min() < 0 or secrets.max() >= base))):
+            raise ValueError(f"Expected secrets of shape [M, {secret_length}] with integers in "
+                             f"[0, {base}); got {secrets.dtype} {secrets.shape}.")
         out = []
-        for start in range(0, len(indices), batch_size):
-            part = indices[start:start + batch_size]
-            padded = np.zeros(batch_size, np.int32)
-            padded[:len(part)] = part
-            got = scores(params, jnp.asarray(ids), jnp.asarray(n, jnp.int32),
-                         jnp.asarray(padded))
-            out.append(np.asarray(got)[:len(part)])
-        return np.concatenate(out) if out else np.zeros(0)
+        for start in range(0, len(secrets), batch_size):
+            part = secrets[start:start + batch_size]
+            padded = np.zeros((batch_size, secret_length), np.int32)
+            padded[:len(part)] = host_alpha[part]
+            padded[len(part):] = host_alpha[0]
+            out.append(np.asarray(scores(params, ids, np.int32(n), padded))[:len(part)])
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     return score
 
@@ -323,11 +331,12 @@ def measure_exposure(
         scorer = make_secret_scorer(model, alphabet=canaries.alphabet,
                                     secret_length=canaries.secret_length, batch_size=batch_size)
         rng = np.random.default_rng(seed)
+        length, base = canaries.secret_length, len(canaries.alphabet)
 
         def exposure(canary: Canary) -> float:
-            reference = rng.integers(0, space, num_references)
-            index = secret_index(canary.secret, canaries.alphabet)
-            scores = scorer(params, canary.prefix, np.concatenate([[index], reference]))
+            reference = rng.integers(0, base, (num_references, length))
+            secret = np.asarray([[canaries.alphabet.index(ch) for ch in canary.secret]])
+            scores = scorer(params, canary.prefix, np.concatenate([secret, reference]))
             return extrapolated_exposure(scores[0], scores[1:])
 
     by_repetitions: dict[int, list[float]] = {}

@@ -121,6 +121,10 @@ class TextDataset:
       name: the corpus (``pydoc_topics``, ``synthetic_private``, ``text``).
       corpus_hash: SHA-256 of the corpus records before splitting (:func:`corpus_hash`);
         canary records are not included.
+      hash_is_public: whether ``corpus_hash`` may be published. True when the
+        text is a function of public inputs only (pydoc; the synthetic corpus,
+        fixed by its seed and the faker version); False for the user's text,
+        whose hash would let anyone confirm a guess of the private records.
       generator_version: what produced the text (Python version for pydoc,
         ``faker==...`` for the synthetic corpus, ``""`` for the user's files).
       vocab_size: 259 (bytes, BOS, EOS, PAD).
@@ -138,6 +142,7 @@ class TextDataset:
     name: str
     corpus_hash: str
     generator_version: str
+    hash_is_public: bool = False
     vocab_size: int = VOCAB_SIZE
     num_truncated: int = 0
     num_canary_records: int = 0
@@ -153,6 +158,8 @@ class TextDataset:
                                                                        self.corpus_hash):
             raise ValueError(f"Expected corpus_hash={self.corpus_hash!r} to be a SHA-256 hex "
                              "digest (64 lowercase hex characters).")
+        if not isinstance(self.hash_is_public, bool):
+            raise ValueError(f"Expected hash_is_public={self.hash_is_public!r} to be a bool.")
         if not isinstance(self.generator_version, str):
             raise ValueError(f"Expected generator_version={self.generator_version!r} to be a "
                              "string.")
@@ -252,6 +259,7 @@ def make_text_dataset(
     name: str,
     corpus_hash: str,
     generator_version: str,
+    hash_is_public: bool,
     context_length: int,
     overflow: str,
     max_windows: int,
@@ -273,7 +281,8 @@ def make_text_dataset(
         truncated += cut
     return TextDataset(**arrays, context_length=context_length, name=name,
                        corpus_hash=corpus_hash, generator_version=generator_version,
-                       num_truncated=truncated, num_canary_records=num_canary_records)
+                       hash_is_public=hash_is_public, num_truncated=truncated,
+                       num_canary_records=num_canary_records)
 
 
 def pydoc_records() -> list[str]:
@@ -319,8 +328,8 @@ def load_pydoc_text(
                            test_fraction=test_fraction, seed=seed)
     return make_text_dataset(
         splits, name="pydoc_topics", corpus_hash=corpus_hash(records),
-        generator_version=f"python-{platform.python_version()}", context_length=context_length,
-        overflow=overflow, max_windows=max_windows,
+        generator_version=f"python-{platform.python_version()}", hash_is_public=True,
+        context_length=context_length, overflow=overflow, max_windows=max_windows,
     )
 
 
@@ -351,8 +360,9 @@ def load_private_text(
                            test_fraction=test_fraction, seed=seed)
     return make_text_dataset(
         splits, name="synthetic_private", corpus_hash=corpus_hash(records),
-        generator_version=generator_version(), context_length=context_length,
-        overflow=overflow, max_windows=max_windows, canaries=canaries,
+        generator_version=generator_version(), hash_is_public=True,
+        context_length=context_length, overflow=overflow, max_windows=max_windows,
+        canaries=canaries,
     )
 
 
@@ -401,7 +411,9 @@ def load_text(
     ``seed``, or a directory holding ``train.txt``, ``validation.txt`` and
     ``test.txt`` (used as given, the fractions ignored; validation and test may be
     empty).
-    ``corpus_hash`` is over the records in train, validation, test order.
+    ``corpus_hash`` is over the records in train, validation, test order; it is
+    a function of the private text, so ``hash_is_public`` is False: keep it out
+    of anything published (a run summary), or it confirms guesses of the data.
 
     Raises:
       FileNotFoundError: ``path`` or one of the three files is missing.
@@ -426,6 +438,6 @@ def load_text(
                                test_fraction=test_fraction, seed=seed)
     return make_text_dataset(
         splits, name="text", corpus_hash=corpus_hash(records), generator_version="",
-        context_length=context_length, overflow=overflow, max_windows=max_windows,
-        canaries=canaries,
+        hash_is_public=False, context_length=context_length, overflow=overflow,
+        max_windows=max_windows, canaries=canaries,
     )

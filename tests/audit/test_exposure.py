@@ -75,7 +75,8 @@ def test_trie_and_batched_scores_equal_brute_force(random_lm, trie):
     np.testing.assert_allclose(trie(params, PREFIX), expected, rtol=1e-5, atol=1e-4)
     batched = make_secret_scorer(model, alphabet=alphabet, secret_length=length, batch_size=300)
     picks = np.array([0, 5, 1023, 517, 517])
-    np.testing.assert_allclose(batched(params, PREFIX, picks), expected[picks], rtol=1e-5,
+    digits = (picks[:, None] // 4 ** np.arange(length)[::-1]) % 4
+    np.testing.assert_allclose(batched(params, PREFIX, digits), expected[picks], rtol=1e-5,
                                atol=1e-4)
     one_char = make_candidate_scorer(model, alphabet=alphabet, secret_length=1)
     np.testing.assert_allclose(one_char(params, PREFIX), terms[::4**4, 0], rtol=1e-5, atol=1e-4)
@@ -197,3 +198,7 @@ def test_report_and_argument_errors(random_lm):
                          method="guess")
     with pytest.raises(ValueError, match="alphabet"):
         make_candidate_scorer(model, alphabet="0é", secret_length=2)
+    with pytest.raises(ValueError, match="method='extrapolate'"):
+        make_candidate_scorer(model, alphabet="0123456789", secret_length=16)
+    with pytest.raises(ValueError, match=r"secrets of shape \[M, 3\]"):
+        make_secret_scorer(model, alphabet="01", secret_length=3)(params, "x", np.ones((2, 2)))

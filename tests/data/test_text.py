@@ -154,7 +154,7 @@ def test_public_corpus_hash_matches_the_text_it_holds():
     assert ds.num_truncated == 0
     assert ds.generator_version == f"python-{platform.python_version()}"
     expected = hashlib.sha256("\n".join(records).encode("utf-8")).hexdigest()
-    assert ds.corpus_hash == expected
+    assert ds.corpus_hash == expected and ds.hash_is_public
     held = sum((_decoded(t) for t in (ds.train_tokens, ds.validation_tokens, ds.test_tokens)),
                [])
     assert collections.Counter(held) == collections.Counter(records)
@@ -170,6 +170,7 @@ def test_text_loader_reads_one_record_per_line(tmp_path):
     assert sorted(held) == sorted(lines)
     assert (ds.num_train, ds.num_validation, ds.num_test) == (16, 2, 2)
     assert ds.corpus_hash == hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    assert not ds.hash_is_public  # a hash of private text must not be published
     for split, chosen in (("train", lines[:5]), ("validation", lines[5:7]), ("test", [])):
         (tmp_path / f"{split}.txt").write_text("\n".join(chosen), encoding="utf-8")
     ds = load_text(path=tmp_path)
