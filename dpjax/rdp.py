@@ -43,7 +43,7 @@ import numpy as np
 from dp_accounting import rdp as dp_rdp
 from scipy import special
 
-from dpjax import _validate
+import dpjax._validate as _validate
 
 # Integer counterpart of dp-accounting's RdpAccountant grid (which adds fractional
 # orders 1.1..10.9 that the subsampling bound does not cover). The optimum moves

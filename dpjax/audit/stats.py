@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from dpjax.audit import _one_run, _thresholds
+import dpjax.audit._one_run as _one_run
+import dpjax.audit._thresholds as _thresholds
 from dpjax.audit.gdp import gdp_epsilon
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dpjax.data import _checks
+import dpjax.data._checks as _checks
 
 DEFAULT_TEMPLATE = "the PIN of {name} is "
 DEFAULT_ALPHABET = "0123456789"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 
-from dpjax.data import _checks
+import dpjax.data._checks as _checks
 
 KINDS = ("clinical", "bank", "mixed")
 TEMPLATE_VERSION = 1

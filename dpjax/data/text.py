@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpjax.data import _checks
+import dpjax.data._checks as _checks
 from dpjax.data.canaries import CanarySet, insert_canaries
 from dpjax.data.synthetic_text import KINDS, generator_version, private_records
 

@@ -35,7 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.secagg import discrete, modular, rotation, rounding
+import dpjax.secagg.discrete as discrete
+import dpjax.secagg.modular as modular
+import dpjax.secagg.rotation as rotation
+import dpjax.secagg.rounding as rounding
 from dpjax.secagg.aggregate import RoundMasks, flatten_parties, unflatten_party
 from dpjax.secagg.ddp_params import DDPParams, Noise, Unit
 

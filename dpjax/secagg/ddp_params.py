@@ -57,8 +57,8 @@ import enum
 import math
 from typing import Any
 
-from dpjax import _validate
-from dpjax.secagg import rotation as rotation_lib
+import dpjax._validate as _validate
+import dpjax.secagg.rotation as rotation_lib
 from dpjax.secagg.discrete import MAX_NOISE_STD
 from dpjax.secagg.modular import check_bits
 from dpjax.secagg.rounding import ROUNDING_BIAS, conditional_rounding_bound

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dpjax.secagg import protocol
+import dpjax.secagg.protocol as protocol
 from dpjax.secagg.aggregate import RoundMasks
 
 MIN_BITS, MAX_BITS = 8, 32

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax import _validate
+import dpjax._validate as _validate
 
 FLOAT32_EPS = 2.0**-24
 

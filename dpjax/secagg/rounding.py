@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dpjax import _validate
+import dpjax._validate as _validate
 from dpjax.secagg.chacha import chacha20_stream
 
 _NONCE = np.zeros(3, np.uint32)  # each ChaCha20 key below is fresh, used for one stream
