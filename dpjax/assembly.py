@@ -48,10 +48,22 @@ class Run:
         return checkpoint.data_fingerprint(secret, self.task.x_train, self.task.y_train)
 
 
-def assemble(cfg: RunConfig, out_dir: Path) -> tuple[Run, TrainState]:
-    """The run of ``cfg``: task, mechanism, plan, jitted step, mesh and checkpointer, and a
-    fresh state holding the run's secret (a resume replaces it with the checkpoint's)."""
-    task = build_task(cfg)
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """The pieces of a run that an audit also needs: task, mechanism, planned steps, the
+    physical batch size and the device mesh."""
+
+    task: Task
+    mechanism: Mechanism | None
+    steps: int
+    physical_batch_size: int
+    mesh: Any
+
+
+def assemble_parts(cfg: RunConfig, task: Task | None = None) -> Parts:
+    """Task (built unless given), planned steps, devices, physical batch size and mechanism
+    (which calibrates sigma for a target epsilon) of ``cfg``."""
+    task = task or build_task(cfg)
     num_train = len(task.x_train)
     steps = planned_steps(cfg, num_train)
     devices = distributed.select_devices(cfg.train.devices)
@@ -63,28 +75,47 @@ def assemble(cfg: RunConfig, out_dir: Path) -> tuple[Run, TrainState]:
                                                parties)
     if d.enabled and d.sampling == "fixed_size":
         physical = cfg.train.batch_size
-    optimizer = build_optimizer(cfg.optimizer)
     mechanism = None
     if d.enabled:
         mechanism = Mechanism.from_config(d, num_examples=num_train,
                                           batch_size=cfg.train.batch_size, steps=steps,
                                           physical_batch_size=physical, params=task.params,
                                           seed=cfg.train.seed)
-        step_fn = make_step(task.loss_fn, optimizer, mechanism.clipped, mechanism.privatizer(),
-                            microbatch_size=p.microbatch_size, clipping_method=p.clipping)
+    return Parts(task, mechanism, steps, physical, mesh)
+
+
+def step_of(cfg: RunConfig, parts: Parts, optimizer, loss_fn=None) -> DPStep:
+    """The jitted step of ``parts`` with ``optimizer`` (and ``loss_fn`` instead of the
+    task's), sharded over the mesh when there is one."""
+    p, loss_fn = perf(cfg), loss_fn or parts.task.loss_fn
+    if parts.mechanism is not None:
+        step_fn = make_step(loss_fn, optimizer, parts.mechanism.clipped,
+                            parts.mechanism.privatizer(), microbatch_size=p.microbatch_size,
+                            clipping_method=p.clipping)
     else:
-        step_fn = make_nonprivate_step(task.loss_fn, optimizer)
+        step_fn = make_nonprivate_step(loss_fn, optimizer)
+    return distributed.shard_step(step_fn, parts.mesh) if parts.mesh is not None else step_fn
+
+
+def assemble(cfg: RunConfig, out_dir: Path) -> tuple[Run, TrainState]:
+    """The run of ``cfg``: task, mechanism, plan, jitted step, mesh and checkpointer, and a
+    fresh state holding the run's secret (a resume replaces it with the checkpoint's)."""
+    parts = assemble_parts(cfg)
+    task, mechanism, mesh = parts.task, parts.mechanism, parts.mesh
+    optimizer = build_optimizer(cfg.optimizer)
+    step_fn = step_of(cfg, parts, optimizer)
     # The run's secret: fresh per run (secure) or from train.seed (seeded); one per
     # multi-process run, drawn on process 0. A resume replaces it with the checkpoint's.
-    secret = randomness.broadcast_secret(randomness.run_secret(d.randomness, cfg.train.seed))
+    secret = randomness.broadcast_secret(randomness.run_secret(cfg.dp.randomness,
+                                                               cfg.train.seed))
     privatizer = mechanism.privatizer() if mechanism is not None else None
     state = init_state(task.params, optimizer, secret=secret, privatizer=privatizer)
     if mesh is not None:
-        step_fn = distributed.shard_step(step_fn, mesh)
         state = distributed.replicate(state, mesh)
+    num_train = len(task.x_train)
     resolved = mechanism.fingerprint() if mechanism is not None else {"num_train": num_train}
     checkpointer = checkpoint.Checkpointer(out_dir / checkpoint.CHECKPOINT_DIR,
                                            checkpoint.fingerprint(cfg, **resolved))
-    run = Run(cfg, task, mechanism, plan_run(cfg, steps, mechanism), physical, step_fn, mesh,
-              checkpointer)
+    run = Run(cfg, task, mechanism, plan_run(cfg, parts.steps, mechanism),
+              parts.physical_batch_size, step_fn, mesh, checkpointer)
     return run, state

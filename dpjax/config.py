@@ -129,6 +129,55 @@ class RunConfig:
     name: str = _off_trajectory("run")
 
 
+AUDIT_KINDS = ("step", "one_run", "mia", "exposure")
+CANARY_KINDS = ("input", "dirac")
+
+
+@dataclasses.dataclass
+class AuditConfig:
+    """What ``dpjax-audit`` runs (``audit=step|one_run|mia|exposure``) and its sizes."""
+
+    kind: str = "step"
+    trials: int = 20_000  # releases per world (step audit)
+    num_canaries: int = 1000  # one-run audit
+    shadow_models: int = 16  # LiRA
+    seed: int = 0  # canary choice and trial noise (a secret drawn from it in seeded mode)
+    canary: str = "input"  # input | dirac (replace-one mechanisms always use dirac)
+    chunks: int = 1  # step audit: the physical batch split into this many chunks
+    confidence: float = 0.95
+    delta: float | None = None  # default: dp.delta
+
+
+@dataclasses.dataclass
+class AuditRunConfig(RunConfig):
+    """The schema of ``dpjax-audit``: a run's config plus the audit's."""
+
+    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
+
+
+def validate_audit(cfg: AuditRunConfig, num_train: int | None = None) -> None:
+    """The audit section's ranges (the run's are :func:`validate`'s)."""
+    a = cfg.audit
+    _check_choice("audit.kind", a.kind, AUDIT_KINDS)
+    _check_choice("audit.canary", a.canary, CANARY_KINDS)
+    _check_positive("audit.trials", a.trials, integer=True)
+    _check_positive("audit.num_canaries", a.num_canaries, integer=True)
+    _check_positive("audit.shadow_models", a.shadow_models, integer=True)
+    _check_positive("audit.chunks", a.chunks, integer=True)
+    if isinstance(a.seed, bool) or not isinstance(a.seed, int) or a.seed < 0:
+        _fail("audit.seed", a.seed, "to be an integer >= 0")
+    if not (_finite(a.confidence) and 0 < a.confidence < 1):
+        _fail("audit.confidence", a.confidence, "in (0, 1)")
+    if a.delta is not None and not (_finite(a.delta) and 0 < a.delta < 1):
+        _fail("audit.delta", a.delta, "in (0, 1)")
+    if a.kind == "one_run" and num_train is not None and 2 * a.num_canaries > num_train:
+        _fail("audit.num_canaries", a.num_canaries,
+              f"to be at most half the training set ({num_train // 2})")
+    if a.kind in ("step", "one_run") and not cfg.dp.enabled:
+        _fail("dp.enabled", cfg.dp.enabled, f"to be true for audit={a.kind} (it tests a DP "
+              "mechanism)")
+
+
 PERF_ALIASES = ("clipping", "microbatch_size", "physical_batch_size")
 
 

@@ -95,6 +95,8 @@ class Task:
     loss_fn: Callable[[PyTree, PyTree], jax.Array]
     params: PyTree
     evaluate: Callable[..., dict[str, float]]
+    num_classes: int
+    apply_fn: Callable[..., jax.Array]
 
 
 def build_task(cfg: RunConfig) -> Task:
@@ -109,4 +111,5 @@ def build_task(cfg: RunConfig) -> Task:
     params = model.init(jax.random.PRNGKey(cfg.train.seed), jnp.asarray(x_train[:1]))["params"]
     return Task(x_train, y_train, holdout, (ds.x_test, ds.y_test),
                 cross_entropy_loss(model.apply), params,
-                make_evaluator(model.apply, cfg.train.eval_batch_size))
+                make_evaluator(model.apply, cfg.train.eval_batch_size), ds.num_classes,
+                model.apply)
