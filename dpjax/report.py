@@ -3,6 +3,10 @@
 Reads every ``summary.json`` under ``DIR`` (one per run directory, so a run
 that was preempted and resumed is counted once, with its final summary) and
 writes ``results.csv``, ``results.md`` and ``privacy_utility.png`` into ``DIR``.
+Audits (``audit.json`` of ``dpjax-audit``) found there get their own rows (an
+``epsilon_lower_bound`` column beside the claimed ``epsilon``), a table in
+``results.md`` and ``audit.png``: the lower bound against the claimed epsilon
+over the sweep, with the line where they are equal.
 Failed runs are listed with their error; the plot shows accuracy against
 epsilon, with the non-private baseline as a horizontal line when present. Only
 ``summary.json`` is read: non-private diagnostics never reach the report.
@@ -20,22 +24,38 @@ from typing import Any
 
 COLUMNS = (
     "run", "status", "randomness", "dataset", "model", "noise_multiplier", "epsilon", "delta",
-    "steps", "test_accuracy", "stopped_reason", "error",
+    "steps", "test_accuracy", "stopped_reason", "audit", "epsilon_lower_bound", "consistent",
+    "error",
 )
 OUTPUTS = ("results.csv", "results.md", "privacy_utility.png")
+AUDIT_PLOT = "audit.png"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return {"status": "failed", "error": f"unreadable {path.name}: {err}"}
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
     """One row per ``summary.json`` under ``root`` (its directory names the run)."""
     rows = []
     for path in sorted(root.rglob("summary.json")):
-        run = str(path.parent.relative_to(root)) or "."
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            summary = {"status": "failed", "error": f"unreadable summary.json: {err}"}
-        rows.append({"run": run, **summary})
+        rows.append({"run": str(path.parent.relative_to(root)) or ".", **_read(path)})
     rows.sort(key=_sort_key)
+    return rows
+
+
+def collect_audits(root: Path) -> list[dict[str, Any]]:
+    """One row per ``audit.json`` under ``root``: the claimed epsilon as ``epsilon``, the
+    audit's kind as ``audit``."""
+    rows = []
+    for path in sorted(root.rglob("audit.json")):
+        audit = _read(path)
+        rows.append({"run": str(path.parent.relative_to(root)) or ".", **audit,
+                     "audit": audit.get("kind"), "epsilon": audit.get("epsilon_claimed")})
+    rows.sort(key=lambda r: (r.get("status") != "completed", r["run"]))
     return rows
 
 
@@ -66,7 +86,7 @@ def markdown_table(rows) -> str:
             "|---|---:|---:|---:|---:|---:|---|---|\n")
     body = []
     for r in rows:
-        if r.get("status") != "completed":
+        if r.get("status") != "completed" or r.get("audit"):
             continue
         eps = "non-private" if not r.get("dp_enabled", True) else _fmt(r.get("epsilon"))
         acc = r.get("test_accuracy")
@@ -82,6 +102,47 @@ def markdown_table(rows) -> str:
             f"- `{r['run']}`: {r.get('error', 'no error recorded')}" for r in failed
         ) + "\n"
     return text
+
+
+def audit_table(audits) -> str:
+    if not audits:
+        return ""
+    lines = ["", "Audits:", "",
+             "| run | audit | method | claimed epsilon | lower bound | delta | consistent |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in audits:
+        if r.get("status") != "completed":
+            lines.append(f"| {r['run']} | failed: {r.get('error', '')} | | | | | |")
+            continue
+        lines.append(f"| {r['run']} | {r.get('audit')} | {r.get('method')} "
+                     f"| {_fmt(r.get('epsilon_claimed'))} | {_fmt(r.get('epsilon_lower_bound'))} "
+                     f"| {_fmt(r.get('delta'))} | {'yes' if r.get('consistent') else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_audits(audits, path: Path) -> None:
+    """Lower bound against claimed epsilon, one marker per audit kind."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    done = [r for r in audits if r.get("status") == "completed"
+            and math.isfinite(r.get("epsilon_claimed", math.inf))]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for kind in sorted({r["audit"] for r in done}):
+        pts = sorted((r["epsilon_claimed"], r["epsilon_lower_bound"]) for r in done
+                     if r["audit"] == kind)
+        ax.plot(*zip(*pts, strict=True), "o-", label=kind)
+    top = max([r["epsilon_claimed"] for r in done] + [1.0])
+    ax.plot([0, top], [0, top], color="gray", linestyle="--", label="lower bound = claim")
+    ax.set_xlabel("claimed epsilon")
+    ax.set_ylabel("audited epsilon lower bound")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(rows, path: Path) -> None:
@@ -124,13 +185,16 @@ def report(root: str | Path) -> list[dict[str, Any]]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Expected a run or multirun directory; {root} does not exist.")
-    rows = collect(root)
-    if not rows:
-        raise FileNotFoundError(f"No summary.json under {root}: is it a dpjax-train output dir?")
-    write_csv(rows, root / "results.csv")
-    (root / "results.md").write_text(markdown_table(rows))
+    rows, audits = collect(root), collect_audits(root)
+    if not rows and not audits:
+        raise FileNotFoundError(f"No summary.json or audit.json under {root}: is it a "
+                                "dpjax-train or dpjax-audit output dir?")
+    write_csv(rows + audits, root / "results.csv")
+    (root / "results.md").write_text(markdown_table(rows) + audit_table(audits))
     plot(rows, root / "privacy_utility.png")
-    return rows
+    if audits:
+        plot_audits(audits, root / AUDIT_PLOT)
+    return rows + audits
 
 
 def main(argv: list[str] | None = None) -> int:
