@@ -35,11 +35,21 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 import dpjax._validate as _validate
-from dpjax.randomness import Secret, Stream, jax_key, stream_key
-from dpjax.secagg.aggregate import RoundMasks, prepare_round, secure_sum
-from dpjax.secagg.encoding import INT32_LIMIT, check_no_wrap, quantization_error_bound
+import dpjax.secagg.ddp as ddp
+import dpjax.secagg.modular as modular
+from dpjax.randomness import Secret, Stream, derived_key, jax_key, stream_key
+from dpjax.secagg.aggregate import (
+    RoundMasks,
+    flatten_parties,
+    prepare_round,
+    secure_sum,
+    unflatten_party,
+)
+from dpjax.secagg.ddp_params import DDPParams
+from dpjax.secagg.encoding import check_no_wrap, encode, quantization_error_bound
 
 PyTree = Any
 ROUNDING_STREAM = 1  # a JAX key's fold-in stream for the rounding (the noise uses 0)
@@ -71,8 +81,8 @@ class PlainSum:
         """Host-side set-up of step ``step``'s aggregation: nothing to do."""
         del step
 
-    def finish(self, partial: PyTree, round_input: None, num_chunks: int, key) -> PyTree:
-        del round_input, num_chunks, key
+    def finish(self, partial: PyTree, round_input: None, num_chunks: int, key, step) -> PyTree:
+        del round_input, num_chunks, key, step
         return partial
 
     def fingerprint(self) -> dict[str, Any]:
@@ -113,12 +123,15 @@ class SecAggSettings:
         return group // 2 + 1
 
 
-def fixed_point_scale(num_parties: int, rows_per_party: int, l2_clip_norm: float) -> float:
-    """The largest power-of-two scale at which ``num_parties`` sums cannot wrap (with a
-    factor-2 margin, so a step whose batch spills into a second chunk fits too)."""
+def fixed_point_scale(num_parties: int, rows_per_party: int, l2_clip_norm: float,
+                      bits: int = 32) -> float:
+    """The largest power-of-two scale at which ``num_parties`` sums cannot wrap in
+    ``Z_{2^bits}`` (with a factor-2 margin, so a step whose batch spills into a second chunk
+    fits too)."""
     max_abs = rows_per_party * l2_clip_norm
-    scale = 2.0 ** (math.floor(math.log2((INT32_LIMIT / num_parties - 1) / max_abs)) - 1)
-    check_no_wrap(max_abs, scale, num_parties)
+    limit = 2.0 ** (bits - 1)
+    scale = 2.0 ** (math.floor(math.log2((limit / num_parties - 1) / max_abs)) - 1)
+    check_no_wrap(max_abs, scale, num_parties, limit=limit)
     return scale
 
 
@@ -140,6 +153,7 @@ class SecAggSum:
     settings: SecAggSettings
     rows_per_party: int
     row_bound: float  # sensitivity(l2_clip_norm): the norm bound of one row's contribution
+    bits: int = 32  # the modulus 2^bits (32: the float secure_sum over Z_2^32)
 
     @property
     def num_parties(self) -> int:
@@ -147,7 +161,8 @@ class SecAggSum:
 
     @property
     def scale(self) -> float:
-        return fixed_point_scale(self.num_parties, self.rows_per_party, self.row_bound)
+        return fixed_point_scale(self.num_parties, self.rows_per_party, self.row_bound,
+                                 self.bits)
 
     @property
     def error_bound(self) -> float:
@@ -190,12 +205,15 @@ class SecAggSum:
             seed=s.seed if s.mode == "simulation" else None,
         )
 
-    def finish(self, partial: PyTree, round_input: RoundMasks, num_chunks: int, key) -> PyTree:
+    def finish(self, partial: PyTree, round_input: RoundMasks, num_chunks: int, key,
+               step) -> PyTree:
         """One SecAgg round over the step's party sums (accumulated over ``num_chunks``
-        chunks, so each holds at most ``num_chunks * rows_per_party`` rows)."""
+        chunks, so each holds at most ``num_chunks * rows_per_party`` rows), with stochastic
+        rounding keyed from the state's ``key`` and ``step``."""
+        key = rounding_key(key, step)
         max_abs = num_chunks * self.rows_per_party * self.row_bound
         try:
-            check_no_wrap(max_abs, self.scale, self.num_parties)
+            check_no_wrap(max_abs, self.scale, self.num_parties, limit=2.0 ** (self.bits - 1))
         except ValueError as err:
             raise ValueError(
                 f"Expected this step's {num_chunks} chunks to fit SecAgg's fixed-point range "
@@ -203,11 +221,124 @@ class SecAggSum:
                 "(dp.physical_batch_size) cannot be aggregated in one round without "
                 "wrapping. Raise dp.physical_batch_size."
             ) from err
-        return secure_sum(partial, scale=self.scale, round_masks=round_input, max_abs=max_abs,
-                          rounding_key=key)
+        if self.bits == 32:
+            return secure_sum(partial, scale=self.scale, round_masks=round_input,
+                              max_abs=max_abs, rounding_key=key)
+        flat, spec = flatten_parties(partial)
+        encoded = encode(flat, self.scale, key=key, max_abs=max_abs,
+                         num_parties=self.num_parties)
+        total = modular.secure_sum_mod(modular.to_modular(encoded, self.bits), bits=self.bits,
+                                       round_masks=round_input)
+        lifted = modular.centered_lift(total, self.bits).astype(jnp.float32)
+        return unflatten_party(lifted / jnp.float32(self.scale), spec)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"secagg_scale": self.scale, "secagg_rows_per_party": self.rows_per_party}
+        return {"secagg_scale": self.scale, "secagg_rows_per_party": self.rows_per_party,
+                "secagg_bits": self.bits}
 
 
-Aggregator = PlainSum | SecAggSum
+
+
+@dataclasses.dataclass(frozen=True)
+class Aborted:
+    """A round that cannot be aggregated: fewer parties survive than the claim needs.
+
+    Nothing is released; the step counter advances and the ledger still records the
+    sampled round (privacy rule 4: every sampled round is accounted).
+    """
+
+    reason: str
+
+
+def _survivors(num_parties: int, dropouts: int, step) -> list[int]:
+    """The parties that arrive: all but ``dropouts`` of them, a different set each step."""
+    start = int(step) % num_parties
+    dropped = {(start + i) % num_parties for i in range(dropouts)}
+    return [u for u in range(num_parties) if u not in dropped]
+
+
+def _party_keys(source, stream: Stream, step, num_parties: int, derive) -> jax.Array:
+    """One key per party from the run's secret (``derive``: 256-bit or JAX key), or, for a
+    library state holding a JAX key, folded from it (64 bits: tests and simulations)."""
+    parties = jnp.arange(num_parties, dtype=jnp.uint32)
+    if isinstance(source, Secret):
+        return jax.vmap(lambda u: derive(stream_key(source, stream, step, u)))(parties)
+    base = jax.random.fold_in(jax.random.fold_in(source, int(stream)), step)
+    return jax.vmap(lambda u: jax.random.fold_in(base, u))(parties)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedNoiseSum:
+    """Distributed DP: ``num_parties`` parties (blocks of rows), each of which scales,
+    rotates, rounds and adds its own discrete noise (Skellam or discrete Gaussian) to its
+    clipped sum before masking (:mod:`dpjax.secagg.ddp`); one SecAgg round over
+    ``Z_{2^bits}`` per step decodes only the noisy sum.
+
+    Guarantee: the aggregator sees masked inputs and the noisy total; nobody holds the
+    un-noised sum. With at least ``params.min_honest_survivors`` honest survivors
+    (``dp.min_survivors - dp.max_colluders``), the release is the distributed discrete
+    mechanism whose sensitivities (integer units) ``params`` states; a round with fewer
+    survivors than ``min_survivors`` is aborted (:class:`Aborted`), never released.
+    """
+
+    settings: SecAggSettings
+    rows_per_party: int
+    row_bound: float
+    params: DDPParams
+    min_survivors: int
+    simulated_dropouts: int = 0
+    max_chunks: int = 2  # the party bound of ``params`` holds this many chunks' rows
+
+    partial_sharded = True
+    rounds = True
+
+    @property
+    def num_parties(self) -> int:
+        return self.settings.num_parties
+
+    def local(self, grad_fn: ClippedGradFn) -> ClippedGradFn:
+        return SecAggSum(self.settings, self.rows_per_party, self.row_bound).local(grad_fn)
+
+    def across_devices(self, partial: PyTree, axis_name: str) -> PyTree:
+        del axis_name
+        return partial
+
+    def prepare(self, step) -> RoundMasks | Aborted:
+        """The round's masks with the surviving parties, or :class:`Aborted`."""
+        s = self.settings
+        alive = _survivors(s.num_parties, self.simulated_dropouts, step)
+        if len(alive) < max(self.min_survivors, s.resolved_threshold):
+            return Aborted(f"{len(alive)} of {s.num_parties} parties survived; the claim "
+                           f"needs {self.min_survivors}")
+        return prepare_round(
+            s.num_parties, threshold=s.resolved_threshold, num_neighbours=s.num_neighbours,
+            survivors=alive, round_index=int(step), key_agreement=s.key_agreement,
+            mode=s.mode, seed=s.seed if s.mode == "simulation" else None,
+        )
+
+    def finish(self, partial: PyTree, round_input: RoundMasks, num_chunks: int, key,
+               step) -> PyTree:
+        """Each party encodes its (accumulated) sum with its own keys; one round decodes the
+        noisy total. ``key`` is the state's key (the run's secret) and ``step`` the step."""
+        if num_chunks > self.max_chunks:
+            raise ValueError(
+                f"Expected at most {self.max_chunks} chunks per step with distributed noise "
+                f"(the wrap bound holds for parties of that many chunks' rows); got "
+                f"{num_chunks}. Raise dp.physical_batch_size."
+            )
+        n = self.num_parties
+        noise_keys = _party_keys(key, Stream.PARTY_NOISE, step, n, derived_key)
+        rounding_keys = _party_keys(key, Stream.PARTY_ROUNDING, step, n, jax_key)
+        rotation = (jax_key(stream_key(key, Stream.ROTATION, step)) if isinstance(key, Secret)
+                    else jax.random.fold_in(jax.random.fold_in(key, int(Stream.ROTATION)),
+                                            step))
+        total, _ = ddp.ddp_secure_sum(partial, params=self.params, round_masks=round_input,
+                                      rotation_key=rotation, rounding_keys=rounding_keys,
+                                      noise_keys=noise_keys)
+        return total
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"ddp": self.params.summary(), "min_survivors": self.min_survivors}
+
+
+Aggregator = PlainSum | SecAggSum | DistributedNoiseSum

@@ -32,6 +32,7 @@ class Unit(enum.StrEnum):
     """What one neighbour adds, removes or replaces."""
 
     EXAMPLE = "example"
+    USER = "user"
 
 
 class Accountant(enum.StrEnum):
@@ -49,9 +50,12 @@ class Aggregation(enum.StrEnum):
 
 
 class Noise(enum.StrEnum):
-    """The noise the privatizer adds."""
+    """The noise of the mechanism: central Gaussian, or discrete noise each SecAgg party
+    adds to its integer vector (distributed DP)."""
 
     GAUSSIAN = "gaussian"
+    SKELLAM = "skellam"
+    DDGAUSS = "ddgauss"
 
 
 class Randomness(enum.StrEnum):

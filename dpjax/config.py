@@ -20,13 +20,23 @@ import dataclasses
 import math
 from typing import Any
 
-from dpjax.choices import Accountant, Aggregation, ClippingMethod, Randomness, Sampling, values
+from dpjax.choices import (
+    Accountant,
+    Aggregation,
+    ClippingMethod,
+    Noise,
+    Randomness,
+    Sampling,
+    values,
+)
 
 ACCOUNTANTS = values(Accountant)
 SAMPLINGS = values(Sampling)
 CLIPPING_METHODS = values(ClippingMethod)
 AGGREGATIONS = values(Aggregation)
 RANDOMNESS = values(Randomness)
+NOISES = values(Noise)
+DISCRETE_NOISES = (Noise.SKELLAM.value, Noise.DDGAUSS.value)
 SECAGG_MODES = ("secure", "simulation")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 EVAL_SPLITS = ("test", "validation")
@@ -86,6 +96,12 @@ class DPConfig:
     secagg_threshold: int | None = None
     secagg_mode: str | None = None  # null: follows randomness (secure -> secure masks)
     randomness: str = "secure"
+    noise: str = "gaussian"  # gaussian (central) | skellam | ddgauss (added by each party)
+    secagg_bits: int = 32  # the SecAgg modulus 2^bits, for every noise
+    min_survivors: int | None = None  # distributed noise: null = all parties
+    max_colluders: int = 0  # parties whose noise an attacker could subtract
+    wrap_probability: float = 1e-4  # distributed noise: P(any coordinate wraps) per round
+    simulated_dropouts: int = _off_trajectory(0)  # tests: parties that drop each round
 
 
 @dataclasses.dataclass
@@ -283,6 +299,42 @@ def validate(
     _check_choice(perf_key(cfg, "clipping"), p.clipping, CLIPPING_METHODS)
     _check_choice("dp.aggregation", d.aggregation, AGGREGATIONS)
     _check_choice("dp.randomness", d.randomness, RANDOMNESS)
+    _check_choice("dp.noise", d.noise, NOISES)
+    if not (isinstance(d.secagg_bits, int) and 8 <= d.secagg_bits <= 32):
+        _fail("dp.secagg_bits", d.secagg_bits, "to be an integer in [8, 32]")
+    if not (_finite(d.wrap_probability) and 0 < d.wrap_probability < 1):
+        _fail("dp.wrap_probability", d.wrap_probability, "in (0, 1)")
+    if isinstance(d.max_colluders, bool) or not isinstance(d.max_colluders, int) \
+            or d.max_colluders < 0:
+        _fail("dp.max_colluders", d.max_colluders, "to be an integer >= 0")
+    if isinstance(d.simulated_dropouts, bool) or not isinstance(d.simulated_dropouts, int) \
+            or d.simulated_dropouts < 0:
+        _fail("dp.simulated_dropouts", d.simulated_dropouts, "to be an integer >= 0")
+    _check_positive("dp.min_survivors", d.min_survivors, allow_none=True, integer=True)
+    if d.enabled and d.noise in DISCRETE_NOISES:
+        if d.aggregation != "secagg":
+            _fail("dp.noise", d.noise, "to be 'gaussian' unless dp.aggregation='secagg' "
+                  "(skellam and ddgauss are added by each SecAgg party before masking)")
+        if d.accountant != "rdp":
+            _fail("dp.accountant", d.accountant, f"to be 'rdp' with dp.noise={d.noise!r} (its "
+                  "RDP curve is accounted with a general Poisson subsampling bound)")
+        if d.sampling != "poisson":
+            _fail("dp.sampling", d.sampling, f"to be 'poisson' with dp.noise={d.noise!r}")
+    if d.aggregation != "secagg" and d.secagg_bits != 32:
+        _fail("dp.secagg_bits", d.secagg_bits, "to be 32 (the default) unless "
+              "dp.aggregation='secagg'")
+    if d.aggregation == "secagg" and d.enabled:
+        survivors = d.num_parties if d.min_survivors is None else d.min_survivors
+        if survivors > d.num_parties:
+            _fail("dp.min_survivors", d.min_survivors,
+                  f"to be at most dp.num_parties={d.num_parties}")
+        if d.max_colluders >= survivors:
+            _fail("dp.max_colluders", d.max_colluders,
+                  f"to be below the surviving parties ({survivors}): their noise is all an "
+                  "honest aggregate would have")
+        if d.simulated_dropouts >= d.num_parties:
+            _fail("dp.simulated_dropouts", d.simulated_dropouts,
+                  f"to be below dp.num_parties={d.num_parties}")
     _check_positive("dp.l2_clip_norm", d.l2_clip_norm)
     if not (_finite(d.delta) and 0 < d.delta < 1):
         _fail("dp.delta", d.delta, "in (0, 1)")

@@ -28,7 +28,13 @@ import jax
 
 import dpjax._validate as _validate
 import dpjax.accounting as accounting
-from dpjax.aggregation import Aggregator, PlainSum, SecAggSettings, SecAggSum
+from dpjax.aggregation import (
+    Aggregator,
+    DistributedNoiseSum,
+    PlainSum,
+    SecAggSettings,
+    SecAggSum,
+)
 from dpjax.choices import (
     Accountant,
     Noise,
@@ -41,7 +47,7 @@ from dpjax.choices import (
 from dpjax.clip_math import sensitivity
 from dpjax.clipping import per_layer_clip_norms
 from dpjax.config import secagg_mode
-from dpjax.noise import Privatizer, gaussian_privatizer
+from dpjax.noise import Privatizer, gaussian_privatizer, scale_privatizer
 from dpjax.randomness import Secret
 from dpjax.sampling import FixedSizeSampler, PoissonSampler
 
@@ -72,6 +78,10 @@ class ClippedSum:
         (``sqrt(d) / scale`` for SecAgg, needs ``num_params = d``; 0 for a plain sum).
         """
         slack = 0.0
+        if isinstance(self.aggregation, DistributedNoiseSum):
+            # the integer sensitivity (scaling, rotation, rounding) back in float units
+            p = self.aggregation.params
+            return contributions_changed(relation) * p.l2_sensitivity / p.gamma
         if isinstance(self.aggregation, SecAggSum):
             if num_params is None:
                 raise ValueError("Expected num_params (the parameter count d) for the "
@@ -109,6 +119,11 @@ class Mechanism:
         _validate.positive_int("num_params", self.num_params)
 
     @property
+    def distributed(self) -> bool:
+        """Whether each SecAgg party adds the (discrete) noise itself."""
+        return isinstance(self.clipped.aggregation, DistributedNoiseSum)
+
+    @property
     def relation(self) -> Relation:
         """The neighbouring relation the sampler's accounting event is defined for."""
         return relation_of(self.sampling)
@@ -131,7 +146,10 @@ class Mechanism:
                               seed=None, secret=secret)
 
     def privatizer(self) -> Privatizer:
-        """Independent Gaussian noise of std ``noise_std`` per step, over ``q N``."""
+        """Independent Gaussian noise of std ``noise_std`` per step, over ``q N`` (with
+        distributed noise the parties add it: only the division is left)."""
+        if self.distributed:
+            return scale_privatizer(expected_batch_size=self.expected_batch_size)
         return gaussian_privatizer(
             noise_multiplier=self.noise_multiplier,
             sensitivity=self.sensitivity(Relation.ADD_OR_REMOVE_ONE),
@@ -142,16 +160,31 @@ class Mechanism:
         """What the accountant records for ``steps`` steps of this mechanism."""
         fixed = self.sampling is Sampling.FIXED_SIZE
         return accounting.Segment(float(self.noise_multiplier), float(self.sample_rate), steps,
-                                  str(self.sampling), self.num_examples if fixed else None)
+                                  str(self.sampling), self.num_examples if fixed else None,
+                                  self._discrete())
+
+    def _discrete(self) -> dict | None:
+        if not self.distributed:
+            return None
+        p = self.clipped.aggregation.params
+        return {"noise": str(p.noise), "party_noise": float(
+                    p.party_noise_variance if p.skellam_mu is not None else p.ddg_sigma),
+                "num_parties": p.min_honest_survivors, "l1_sensitivity": p.l1_sensitivity,
+                "l2_sensitivity": p.l2_sensitivity, "dim": p.padded_dim}
 
     def record(self, ledger: accounting.Ledger, steps: int = 1) -> accounting.Ledger:
         s = self.segment(steps)
         return ledger.record(s.noise_multiplier, s.sample_rate, s.steps, s.sampling,
-                             s.num_examples)
+                             s.num_examples, discrete=s.discrete)
 
     def dp_event(self, steps: int):
         """The ``dp_accounting`` event of ``steps`` steps (sampler, relation and noise of
-        this mechanism)."""
+        this mechanism). Distributed discrete noise has no ``dp_accounting`` event: its
+        RDP curve (:mod:`dpjax.rdp`) is accounted by :meth:`epsilon`."""
+        if self.distributed:
+            raise ValueError("Expected a Gaussian mechanism for a dp_accounting event; "
+                             "distributed discrete noise is accounted by dpjax.rdp "
+                             "(Mechanism.epsilon).")
         return self.record(accounting.Ledger(), steps).dp_event()
 
     def epsilon(self, steps: int, delta: float, accountant: Accountant | str) -> float:
@@ -178,19 +211,73 @@ class Mechanism:
         if d.per_layer_clipping:
             # one bound per layer, C / sqrt(layers) each: the total sensitivity stays C
             clip = per_layer_clip_norms(params, d.l2_clip_norm, depth=1)
+        num_params = sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
+        common = dict(sampling=sampling, num_examples=num_examples, sample_rate=q,
+                      expected_batch_size=float(batch_size),
+                      physical_batch_size=physical_batch_size, num_params=num_params,
+                      noise=Noise(d.noise))
+        if Noise(d.noise) is not Noise.GAUSSIAN:
+            return _distributed(cls, d, common, clip, steps, seed)
         aggregation: Aggregator = PlainSum()
         if d.aggregation == "secagg":
             settings = SecAggSettings(d.num_parties, d.secagg_threshold, d.secagg_neighbours,
                                       secagg_mode(d), seed=seed)
             aggregation = SecAggSum(settings, physical_batch_size // d.num_parties,
-                                    sensitivity(clip))
+                                    sensitivity(clip), d.secagg_bits)
         sigma = d.noise_multiplier
         n_kw = {"num_examples": num_examples} if sampling is Sampling.FIXED_SIZE else {}
         if d.target_epsilon is not None:
             sigma = accounting.calibrate_noise_multiplier(
                 d.target_epsilon, d.delta, q, steps, d.accountant, d.sampling, **n_kw)
-        num_params = sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
-        return cls(sampling=sampling, num_examples=num_examples, sample_rate=q,
-                   expected_batch_size=float(batch_size), physical_batch_size=physical_batch_size,
-                   clipped=ClippedSum(clip, aggregation), noise_multiplier=float(sigma),
-                   num_params=num_params)
+        return cls(clipped=ClippedSum(clip, aggregation), noise_multiplier=float(sigma),
+                   **common)
+
+
+def distributed_aggregation(d, *, sigma: float, clip, rows_per_party: int, num_params: int,
+                            seed: int) -> DistributedNoiseSum:
+    """The distributed-noise aggregation of a ``dp`` section at central multiplier ``sigma``:
+    gamma and each party's noise chosen (:func:`dpjax.secagg.ddp_params.choose_parameters`)
+    so that the noise of the honest survivors alone is ``sigma`` times the integer
+    sensitivity and no coordinate wraps but with probability ``dp.wrap_probability``."""
+    from dpjax.secagg.ddp_params import choose_parameters  # noqa: PLC0415
+
+    n = d.num_parties
+    survivors = n if d.min_survivors is None else d.min_survivors
+    row_bound = sensitivity(clip)
+    settings = SecAggSettings(n, d.secagg_threshold, d.secagg_neighbours, secagg_mode(d),
+                              seed=seed)
+    max_chunks = DistributedNoiseSum.max_chunks
+    params = choose_parameters(
+        noise_multiplier=sigma, l2_clip_norm=row_bound,
+        party_l2_bound=max_chunks * rows_per_party * row_bound, dim=num_params,
+        num_parties=n, min_honest_survivors=survivors - d.max_colluders, bits=d.secagg_bits,
+        unit="example", noise=d.noise, wrap_probability=d.wrap_probability)
+    return DistributedNoiseSum(settings, rows_per_party, row_bound, params, survivors,
+                               d.simulated_dropouts)
+
+
+def _distributed(cls, d, common: dict, clip, steps: int, seed: int) -> Mechanism:
+    """A distributed-noise mechanism; a target epsilon calibrates the central multiplier
+    with the discrete accountant (each evaluation chooses gamma and the party noise)."""
+    rows = common["physical_batch_size"] // d.num_parties
+
+    def build(sigma: float) -> Mechanism:
+        agg = distributed_aggregation(d, sigma=sigma, clip=clip, rows_per_party=rows,
+                                      num_params=common["num_params"], seed=seed)
+        return cls(clipped=ClippedSum(clip, agg), noise_multiplier=float(sigma), **common)
+
+    if d.target_epsilon is None:
+        return build(d.noise_multiplier)
+    lo, hi = 0.05, 1.0
+    while build(hi).epsilon(steps, d.delta, d.accountant) > d.target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            raise ValueError(f"Expected dp.target_epsilon={d.target_epsilon} to be reachable "
+                             "with distributed noise at these settings.")
+    while hi / lo - 1 > 1e-3:
+        mid = math.sqrt(lo * hi)
+        if build(mid).epsilon(steps, d.delta, d.accountant) <= d.target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return build(hi)

@@ -123,3 +123,19 @@ def mean_privatizer() -> Privatizer:
         return jax.tree_util.tree_map(lambda g: g / jnp.maximum(n, 1), grads), state
 
     return Privatizer(init, update)
+
+
+def scale_privatizer(*, expected_batch_size: float) -> Privatizer:
+    """The privatizer of distributed noise: the aggregate arrives noised (each SecAgg
+    party added its share), so only the division by the public ``q N`` is left."""
+    _validate.positive("expected_batch_size", expected_batch_size)
+
+    def init(params: PyTree) -> PyTree:
+        del params
+        return ()
+
+    def update(total: PyTree, state: PyTree, key) -> tuple[PyTree, PyTree]:
+        del key
+        return jax.tree_util.tree_map(lambda g: g / expected_batch_size, total), state
+
+    return Privatizer(init, update)

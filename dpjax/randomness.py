@@ -56,6 +56,9 @@ class Stream(enum.IntEnum):
     SAMPLING = 0x101
     ROUNDING = 0x102
     AUDIT = 0x103
+    ROTATION = 0x104  # distributed DP: the round's shared (public) rotation
+    PARTY_NOISE = 0x105  # distributed DP: each party's own noise key (sub-index = party)
+    PARTY_ROUNDING = 0x106  # distributed DP: each party's rounding (sub-index = party)
 
 
 @flax.struct.dataclass
@@ -150,6 +153,15 @@ def normal_like(tree, key: StreamKey):
     parts = jnp.split(z, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [z]
     out = [part.reshape(np.shape(leaf)) for part, leaf in zip(parts, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def derived_key(key: StreamKey) -> jax.Array:
+    """A fresh 256-bit ChaCha20 key (``uint32[8]``): the first 8 words of the stream.
+
+    A key derivation by the PRF: as hard to guess as the secret, and independent
+    across ``(stream, index, sub_index)``. Jittable.
+    """
+    return chacha20_stream(key.key, key.nonce, 8)
 
 
 def jax_key(key: StreamKey) -> jax.Array:

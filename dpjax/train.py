@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 import dpjax._validate as _validate
-from dpjax.aggregation import Aggregator, PlainSum, SecAggSettings, SecAggSum, rounding_key
+from dpjax.aggregation import Aborted, Aggregator, PlainSum, SecAggSettings, SecAggSum
 from dpjax.clip_math import count_nonfinite, sensitivity
 from dpjax.clipping import clipped_grad
 from dpjax.mechanism import ClippedSum
@@ -158,8 +158,16 @@ class DPStep:
     parts: StepParts
 
     def run(self, state: TrainState, chunks: Sequence[tuple[PyTree, jax.Array]]):
-        """One step over a list of ``(batch, mask)`` chunks of one physical shape."""
+        """One step over a list of ``(batch, mask)`` chunks of one physical shape.
+
+        A round the aggregation aborts (too few surviving parties) releases nothing: the
+        state only counts the step (the caller's ledger still records it).
+        """
         round_input = self.prepare(state.step)
+        if isinstance(round_input, Aborted):
+            zero = jnp.zeros((), jnp.int32)
+            return state.replace(step=state.step + 1), StepStats(
+                jnp.zeros(()), jnp.zeros(()), zero, zero)
         if len(chunks) == 1:
             return self.step(state, *chunks[0], round_input)
         (batch, mask), *rest = chunks
@@ -191,8 +199,7 @@ def build_step(
     and ``optimizer``; everything after the privatizer is post-processing."""
 
     def aggregate(state: TrainState, partial, round_input=None, num_chunks: int = 1):
-        key = rounding_key(state.key, state.step) if aggregation.rounds else None
-        return aggregation.finish(partial, round_input, num_chunks, key)
+        return aggregation.finish(partial, round_input, num_chunks, state.key, state.step)
 
     def apply(state: TrainState, total) -> TrainState:
         noisy, noise_state = privatizer.update(total, state.noise_state, noise_key(state))

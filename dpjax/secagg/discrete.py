@@ -17,7 +17,9 @@ Vectorized: every coordinate gets one candidate; the coordinates left go
 through two compacted stages with a fixed batch of fresh candidates each
 (the first accepted one is kept) and finally a bounded ``lax.while_loop``.
 Random words come from ChaCha20 (:mod:`dpjax.secagg.chacha`, 3.5x faster
-than Threefry on CPU) keyed by 256 bits drawn from the caller's key. The
+than Threefry on CPU) keyed by the caller's 256-bit key (``uint32[8]``: the
+party's noise is then as hard to guess as that key), or by 256 bits drawn from
+a ``jax.random`` key (64 bits of entropy: for tests and simulations). The
 number of coordinates still without a sample after that (probability far
 below 2^-100 per call) is returned, never hidden; those coordinates are 0.
 
@@ -61,7 +63,6 @@ _STAGE_CANDIDATES = (1, 4, 10)
 _FAIL_BUCKETS = (0.6, 0.8)
 _LOOP_BUFFER, _LOOP_CANDIDATES, _MAX_LOOP_ROUNDS = 64, 64, 64
 _POISSON_LOG_M_MARGIN = 1e-3  # keeps the float32 acceptance probability <= 1
-_NONCE = np.zeros(3, np.uint32)  # every ChaCha20 key below is fresh, used for one stream
 
 
 class _Constants(NamedTuple):
@@ -77,10 +78,19 @@ class _Constants(NamedTuple):
     log_lam_plain: jax.Array  # float32: Poisson: log(lam)
 
 
-def _random_words(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``uint32`` words of ``shape`` from ChaCha20 keyed by 256 bits of ``key``."""
-    seed = jax.random.bits(key, (8,), jnp.uint32)
-    return chacha20_stream(seed, _NONCE, int(np.prod(shape))).reshape(shape)
+def chacha_key(key: jax.Array) -> jax.Array:
+    """The sampler's 256-bit ChaCha20 key: ``key`` itself if it is one (``uint32[8]``),
+    else 256 bits drawn from the ``jax.random`` key ``key``."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == (8,) \
+            and key.dtype == jnp.uint32:
+        return key
+    return jax.random.bits(key, (8,), jnp.uint32)
+
+
+def _words(key256: jax.Array, stream: int, index, shape: tuple[int, ...]) -> jax.Array:
+    """``uint32`` words of ``shape`` from the ChaCha20 stream ``(stream, index)`` of a key."""
+    nonce = jnp.stack([jnp.uint32(stream), jnp.asarray(index, jnp.uint32), jnp.uint32(0)])
+    return chacha20_stream(key256, nonce, int(np.prod(shape))).reshape(shape)
 
 
 def _bernoulli_exp_neg(word: jax.Array, exponent: jax.Array) -> jax.Array:
@@ -187,13 +197,13 @@ def _buffers(size: int, fail: float) -> list[int]:
 def _rejection_sample(key, size: int, accept, consts: _Constants, fail: float):
     """``size`` samples (first accepted candidate each) and how many coordinates got none.
 
-    The staged part draws all its words from one ChaCha20 stream; the rarely
-    run loop uses ``jax.random.bits`` (one compiled PRG each keeps compiling fast).
+    The staged part draws all its words from one ChaCha20 stream of the key; the
+    rarely run loop from another stream of it, one per round.
     """
-    stage_key, loop_key = jax.random.split(key)
+    key256 = chacha_key(key)
     sizes = [size, *_buffers(size, fail)]
     counts = [_WORDS_PER_CANDIDATE * k * m for k, m in zip(_STAGE_CANDIDATES, sizes, strict=True)]
-    stream = _random_words(stage_key, (sum(counts),))
+    stream = _words(key256, 1, 0, (sum(counts),))
     offsets = np.cumsum([0, *counts])
     value, done = jnp.zeros(size, jnp.int32), jnp.zeros(size, bool)
     for stage, (candidates, buffer) in enumerate(zip(_STAGE_CANDIDATES, sizes, strict=True)):
@@ -210,11 +220,7 @@ def _rejection_sample(key, size: int, accept, consts: _Constants, fail: float):
     def another_round(state):
         rounds, value, done = state
         buffer = min(size, _LOOP_BUFFER)
-        words = jax.random.bits(
-            jax.random.fold_in(loop_key, rounds),
-            (_WORDS_PER_CANDIDATE, _LOOP_CANDIDATES, buffer),
-            jnp.uint32,
-        )
+        words = _words(key256, 2, rounds, (_WORDS_PER_CANDIDATE, _LOOP_CANDIDATES, buffer))
         value, done = _merge(value, done, _pending(done, buffer), words, accept, consts)
         return rounds + 1, value, done
 
@@ -291,7 +297,8 @@ def discrete_gaussian(
     accept ``y`` with probability ``exp(-(|y| - sigma^2/t)^2 / (2 sigma^2))``.
 
     Args:
-      key: a ``jax.random`` key, private to whoever adds the noise.
+      key: the 256-bit ChaCha20 key (``uint32[8]``) of whoever adds the noise, private to
+        them (or a ``jax.random`` key, for tests: 64 bits of entropy).
       shape: static output shape.
       sigma: Python float, ``0 < sigma <= 2^19`` (host value: it sets the
         proposal; one compilation serves every ``sigma`` of a shape).

@@ -38,10 +38,12 @@ def max_encoded_magnitude(max_abs: float, scale: float) -> float:
     return float(np.floor(np.float64(product))) + 1.0
 
 
-def check_no_wrap(max_abs: float, scale: float, num_parties: int) -> None:
+def check_no_wrap(max_abs: float, scale: float, num_parties: int,
+                  limit: float = INT32_LIMIT) -> None:
     """Raises ``ValueError`` unless ``num_parties`` encoded values can never wrap.
 
-    Bound used: ``num_parties * (floor(fl32(fl32(max_abs) * fl32(scale))) + 1) < 2^31``,
+    Bound used: ``num_parties * (floor(fl32(fl32(max_abs) * fl32(scale))) + 1) < limit``
+    (``2^31`` for ``Z_2^32``, ``2^(bits-1)`` for ``Z_{2^bits}``),
     where the float32 rounding is that of :func:`encode`'s clamp and product (a
     bound computed in float64 can be passed by values the float32 clamp lets
     through).
@@ -50,12 +52,12 @@ def check_no_wrap(max_abs: float, scale: float, num_parties: int) -> None:
     _validate.positive("scale", scale)
     _validate.positive_int("num_parties", num_parties)
     total = num_parties * max_encoded_magnitude(max_abs, scale)
-    if not total < INT32_LIMIT:
+    if not total < limit:
         raise ValueError(
             f"Expected num_parties * (floor(max_abs * scale) + 1) = {num_parties} * "
             f"(floor({max_abs} * {scale}) + 1) = {total:.10g} (in float32 arithmetic) "
-            f"< 2^31 = {INT32_LIMIT}: "
-            "the sum could wrap around Z_2^32. Lower scale or bound the inputs."
+            f"< 2^{np.log2(limit):g} = {limit:.10g}: the sum could wrap around the modulus. "
+            "Lower scale or bound the inputs."
         )
 
 
