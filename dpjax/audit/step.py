@@ -176,6 +176,21 @@ def release_scores(step: DPStep, state, partial, round_input, num_chunks: int, o
         for i in range(0, trials, TRIAL_BLOCK)])
 
 
+def one_step_claim(mechanism, delta: float) -> float:
+    """The mechanism's own claim for one step without subsampling, at ``delta``.
+
+    Gaussian noise: exact, the GDP epsilon of ``mu = sensitivity / noise_std``.
+    Distributed discrete noise: what its accountant claims for one step at sample
+    rate 1 (the RDP of the Skellam / distributed discrete Gaussian mechanism,
+    converted): an upper bound that is not exact, since no exact privacy profile of
+    these mechanisms is implemented.
+    """
+    if not mechanism.distributed:
+        return gdp_epsilon(mechanism.sensitivity() / mechanism.noise_std, delta)
+    one = dataclasses.replace(mechanism, sample_rate=1.0)
+    return one.epsilon(1, delta, "rdp")
+
+
 def run_step_audit(cfg: RunConfig, parts: Parts, *, trials: int, seed: int, canary: str,
                    delta: float, confidence: float, chunks: int = 1) -> StepAudit:
     """Audits one step of ``parts.mechanism`` (see the module docstring)."""
@@ -201,7 +216,7 @@ def run_step_audit(cfg: RunConfig, parts: Parts, *, trials: int, seed: int, cana
         scores.append(release_scores(step, state, partial, round_input, chunks, offset, trials,
                                      others, worlds.direction, mechanism.expected_batch_size))
     mu_claimed = mechanism.sensitivity() / mechanism.noise_std
-    eps_claimed = gdp_epsilon(mu_claimed, delta)
+    eps_claimed = one_step_claim(mechanism, delta)
     kw = dict(delta=delta, confidence=confidence)
     eps_gdp = stats.epsilon_lower_bound(*scores, method="gdp", **kw)
     eps_cp = stats.epsilon_lower_bound(*scores, method="clopper_pearson", **kw)
