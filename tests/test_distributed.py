@@ -172,7 +172,7 @@ def _script():
 @pytest.fixture(scope="module")
 def eight_devices():
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
-                          timeout=300, env=_env(NUM_DEVICES), cwd=ROOT)
+                          timeout=900, env=_env(NUM_DEVICES), cwd=ROOT)
     # XLA's fatal errors put long stack traces last: show the first lines as well.
     assert proc.returncode == 0, proc.stderr[:2000] + "\n...\n" + proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -278,9 +278,15 @@ def _cli(run_dir, *overrides, env):
 
 
 def _finish(procs):
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, err[-3000:]
+    finally:  # a timed-out or failed process must not outlive the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def _command(run_dir, *overrides):
 
 def _run(run_dir, *overrides, check=True):
     proc = subprocess.run(_command(run_dir, *overrides), capture_output=True, text=True,
-                          timeout=300, cwd=run_dir.parent, env=_env())
+                          timeout=600, cwd=run_dir.parent, env=_env())
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -210,7 +210,7 @@ def test_a_two_job_submitit_sweep_completes_and_a_relaunch_resumes_each_run_once
                *CONFIG[:4], "dp.randomness=seeded", "train.steps=10", "train.eval_every=5",
                "train.log_every=5", "train.seed=0,1", f"hydra.sweep.dir={sweep}"]
     for launch in range(2):  # the second launch finds both runs' final checkpoints
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
                               cwd=tmp_path, env=_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = collect(sweep)
