@@ -131,7 +131,7 @@ def make_round_step(loss_fn: LossFn, server_optimizer: optax.GradientTransformat
                       clipped.aggregation, privatizer, server_optimizer)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FedAvgStep:
     """DP-FedAvg's round on the training arrays ``x``, ``y``: :meth:`run` takes a round's
     slot chunks (:meth:`UserSampler.sample`) and returns ``(state, stats)``; ``stats``
