@@ -32,7 +32,7 @@ class Unit(enum.StrEnum):
     """What one neighbour adds, removes or replaces."""
 
     EXAMPLE = "example"
-    USER = "user"
+    USER = "user"  # all of one user's examples (dpjax.federated: a party is a user)
 
 
 class Accountant(enum.StrEnum):

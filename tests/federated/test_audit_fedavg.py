@@ -1,0 +1,86 @@
+"""A user-level step audit of the DP-FedAvg round (privacy rule 8): consistent, sharp, and it
+flags broken variants.
+
+The round's own code computes both worlds' clipped sums: six slots, the last holding a
+canary user (features scaled by 100: its local delta is far longer than C) or empty.
+The aggregation and the privatizer then run R = 3,000 times per world (fresh noise per
+trial, by :func:`dpjax.audit.step.release_scores`); each release is projected, after
+subtracting the other users' known sum, on the canary's clipped contribution. The GDP
+lower bound must be at most the claim (the Gaussian mechanism with mu = S / std) and
+above the claim at 1.15 sigma; with the noise divided by 4, or clipping that does not
+clip, it must exceed the claim.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import NUM_FEATURES, data, initial_params, softmax_regression_loss
+
+from dpjax import clip_math, noise
+from dpjax.audit import stats
+from dpjax.audit.gdp import gdp_epsilon
+from dpjax.audit.step import release_scores
+from dpjax.federated.local import LocalTraining
+from dpjax.federated.rounds import make_round_step, user_level_mechanism
+from dpjax.randomness import seeded_secret
+from dpjax.train import init_state
+
+TRIALS, DELTA = 3000, 1e-5
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.ravel(tree[k]) for k in sorted(tree)])
+
+
+def _audit():
+    params = initial_params()
+    mech = user_level_mechanism(num_users=100, sample_rate=0.1, l2_clip_norm=0.5,
+                                params=params, noise_multiplier=1.0, num_slots=6)
+    local = LocalTraining(optax.sgd(0.5), epochs=2, batch_size=4, max_examples=8)
+    sgd = optax.sgd(1.0)
+    step = make_round_step(softmax_regression_loss, sgd, local, mech.clipped,
+                           mech.privatizer())
+    state = init_state(params, sgd, secret=seeded_secret(0), privatizer=mech.privatizer())
+    x, y = data(48, seed=1)
+    x = x.reshape(6, 8, NUM_FEATURES)
+    x[5] *= 100.0  # the canary user
+    slots = ((jnp.asarray(x), jnp.asarray(y.reshape(6, 8))), jnp.ones((6, 8)))
+    mask_in, mask_out = jnp.ones(6), jnp.ones(6).at[5].set(0.0)
+    partial_in, _ = step.clipped_sum(state.params, slots, mask_in)
+    partial_out, _ = step.clipped_sum(state.params, slots, mask_out)
+    others = _flat(partial_out)
+    canary = _flat(partial_in) - others
+    direction = canary / jnp.linalg.norm(canary)
+    scores = [release_scores(step, state, partial, None, 1, offset, TRIALS, others, direction,
+                             mech.expected_batch_size)
+              for offset, partial in ((0, partial_in), (TRIALS, partial_out))]
+    mu = mech.sensitivity() / mech.noise_std
+    lower = stats.epsilon_lower_bound(*scores, delta=DELTA, method="gdp")
+    return lower, mu, float(jnp.linalg.norm(canary))
+
+
+def test_the_user_level_audit_is_consistent_and_sharp():
+    lower, mu, canary_norm = _audit()
+    assert canary_norm == pytest.approx(0.5, rel=1e-5)  # the canary user was clipped to C
+    assert lower <= gdp_epsilon(mu, DELTA)
+    assert lower > gdp_epsilon(mu / 1.15, DELTA)
+
+
+@pytest.mark.slow  # two more audits, each compiling its own round (~20 s loaded)
+@pytest.mark.parametrize("broken", ["noise", "clip"])
+def test_the_user_level_audit_flags_a_broken_variant(broken, monkeypatch):
+    if broken == "noise":
+        real = noise.privatize
+        monkeypatch.setattr(noise, "privatize", lambda s, k, **kw: real(
+            s, k, **{**kw, "noise_multiplier": kw["noise_multiplier"] / 4}))
+    else:
+        monkeypatch.setattr(clip_math, "clip_factors",
+                            lambda norms, mask, c: mask * (norms == norms))
+    jax.clear_caches()
+    lower, mu, canary_norm = _audit()
+    assert lower > gdp_epsilon(mu, DELTA)
+    assert np.isfinite(lower)
+    if broken == "clip":
+        assert canary_norm > 5  # unclipped
