@@ -13,10 +13,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import dpjax.accounting as accounting
 import dpjax.checkpoint as checkpoint
 import dpjax.distributed as distributed
 import dpjax.randomness as randomness
-from dpjax.config import RunConfig, perf
+from dpjax.aggregation import SecAggSettings
+from dpjax.clipping import per_layer_clip_norms
+from dpjax.config import ConfigError, RunConfig, perf, secagg_mode
 from dpjax.mechanism import Mechanism
 from dpjax.plan import Plan, plan_run, planned_steps
 from dpjax.sampling import PoissonSampler
@@ -36,13 +39,27 @@ class Run:
     step_fn: DPStep
     mesh: Any  # jax.sharding.Mesh, or None on one device (the unsharded path)
     checkpointer: checkpoint.Checkpointer
+    federated: Any = None  # dp.unit=user: (partition, local training)
 
     def sampler(self, secret: randomness.Secret):
+        if self.federated is not None:
+            from dpjax.federated.rounds import user_sampler  # noqa: PLC0415
+
+            partition, local = self.federated
+            return user_sampler(self.mechanism, partition, local, secret=secret)
         if self.mechanism is not None:
             return self.mechanism.sampler(secret)
         num_train = len(self.task.x_train)
         return PoissonSampler(num_train, self.cfg.train.batch_size / num_train,
                               self.physical_batch_size, seed=None, secret=secret)
+
+    def batches(self, sampler, step: int):
+        """The step's input to ``step_fn.run``: placed chunks of rows, or (DP-FedAvg) the
+        round's slot chunks of users."""
+        if self.federated is not None:
+            return sampler.sample(step)
+        return distributed.place_chunks(sampler.sample(step), self.task.x_train,
+                                        self.task.y_train, self.mesh)
 
     def data_fingerprint(self, secret: randomness.Secret) -> str:
         return checkpoint.data_fingerprint(secret, self.task.x_train, self.task.y_train)
@@ -58,6 +75,7 @@ class Parts:
     steps: int
     physical_batch_size: int
     mesh: Any
+    federated: Any = None  # dp.unit=user: (partition, local training)
 
 
 def assemble_parts(cfg: RunConfig, task: Task | None = None) -> Parts:
@@ -75,6 +93,8 @@ def assemble_parts(cfg: RunConfig, task: Task | None = None) -> Parts:
                                                parties)
     if d.enabled and d.sampling == "fixed_size":
         physical = cfg.train.batch_size
+    if d.enabled and d.unit == "user":
+        return _user_level(cfg, task, steps, mesh)
     mechanism = None
     if d.enabled:
         mechanism = Mechanism.from_config(d, num_examples=num_train,
@@ -84,10 +104,53 @@ def assemble_parts(cfg: RunConfig, task: Task | None = None) -> Parts:
     return Parts(task, mechanism, steps, physical, mesh)
 
 
+def _user_level(cfg: RunConfig, task: Task, steps: int, mesh) -> Parts:
+    """DP-FedAvg: the user partition, each user's local training and the user-level
+    mechanism (users Poisson-sampled into a fixed number of slots; :mod:`dpjax.federated`)."""
+    import dpjax.federated.settings as fed  # noqa: PLC0415
+    from dpjax.federated.rounds import user_level_mechanism, user_secagg  # noqa: PLC0415
+
+    if mesh is not None:
+        raise ConfigError("Expected train.devices=1 with dp.unit='user': a round runs on one "
+                          "device.")
+    d, f = cfg.dp, cfg.federated
+    fed.validate_federated(f, len(task.x_train))
+    user_ids = None
+    if f.partition == "natural":
+        from dpjax.federated.users import load_npz_user_ids  # noqa: PLC0415
+
+        user_ids = load_npz_user_ids(cfg.dataset.options.get("path"), len(task.x_train))
+    partition = fed.build_partition(f, task.y_train, user_ids)
+    local = fed.build_local_training(f)
+    accounting.check_delta(d.delta, partition.num_users)
+    clip = d.l2_clip_norm
+    if d.per_layer_clipping:
+        clip = per_layer_clip_norms(task.params, d.l2_clip_norm, depth=1)
+    q = fed.sample_rate(f, partition.num_users)
+    from dpjax.federated.slots import default_num_slots  # noqa: PLC0415
+
+    slots = f.num_slots or default_num_slots(partition.num_users, q)
+    aggregation = None
+    if d.aggregation == "secagg":
+        settings = SecAggSettings(slots, d.secagg_threshold, d.secagg_neighbours,
+                                  secagg_mode(d), seed=cfg.train.seed)
+        aggregation = user_secagg(settings, clip)
+    mechanism = user_level_mechanism(
+        num_users=partition.num_users, sample_rate=q, l2_clip_norm=clip, params=task.params,
+        noise_multiplier=d.noise_multiplier, target_epsilon=d.target_epsilon, delta=d.delta,
+        rounds=steps, accountant=d.accountant, num_slots=slots, aggregation=aggregation)
+    return Parts(task, mechanism, steps, slots, None, (partition, local))
+
+
 def step_of(cfg: RunConfig, parts: Parts, optimizer, loss_fn=None) -> DPStep:
     """The jitted step of ``parts`` with ``optimizer`` (and ``loss_fn`` instead of the
     task's), sharded over the mesh when there is one."""
     p, loss_fn = perf(cfg), loss_fn or parts.task.loss_fn
+    if parts.federated is not None:
+        from dpjax.federated.rounds import make_fedavg_step  # noqa: PLC0415
+
+        return make_fedavg_step(loss_fn, optimizer, parts.federated[1], parts.mechanism,
+                                parts.task.x_train, parts.task.y_train)
     if parts.mechanism is not None:
         step_fn = make_step(loss_fn, optimizer, parts.mechanism.clipped,
                             parts.mechanism.privatizer(), microbatch_size=p.microbatch_size,
@@ -117,5 +180,5 @@ def assemble(cfg: RunConfig, out_dir: Path) -> tuple[Run, TrainState]:
     checkpointer = checkpoint.Checkpointer(out_dir / checkpoint.CHECKPOINT_DIR,
                                            checkpoint.fingerprint(cfg, **resolved))
     run = Run(cfg, task, mechanism, plan_run(cfg, parts.steps, mechanism),
-              parts.physical_batch_size, step_fn, mesh, checkpointer)
+              parts.physical_batch_size, step_fn, mesh, checkpointer, parts.federated)
     return run, state

@@ -27,6 +27,7 @@ from dpjax.choices import (
     Noise,
     Randomness,
     Sampling,
+    Unit,
     values,
 )
 
@@ -36,6 +37,7 @@ CLIPPING_METHODS = values(ClippingMethod)
 AGGREGATIONS = values(Aggregation)
 RANDOMNESS = values(Randomness)
 NOISES = values(Noise)
+UNITS = values(Unit)
 DISCRETE_NOISES = (Noise.SKELLAM.value, Noise.DDGAUSS.value)
 SECAGG_MODES = ("secure", "simulation")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -97,6 +99,7 @@ class DPConfig:
     secagg_mode: str | None = None  # null: follows randomness (secure -> secure masks)
     randomness: str = "secure"
     noise: str = "gaussian"  # gaussian (central) | skellam | ddgauss (added by each party)
+    unit: str = "example"  # example | user (DP-FedAvg: see the federated section)
     secagg_bits: int = 32  # the SecAgg modulus 2^bits, for every noise
     min_survivors: int | None = None  # distributed noise: null = all parties
     max_colluders: int = 0  # parties whose noise an attacker could subtract
@@ -123,6 +126,31 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class FederatedConfig:
+    """Users, user sampling and local training of DP-FedAvg.
+
+    ``users_per_round`` is the expected number of sampled users ``q U`` (the user
+    sampling rate is ``users_per_round / num_users``); ``num_slots`` (null: expected plus
+    3 standard deviations) is the public number of party slots per round.
+    ``max_examples_per_user`` is the public cap of a user's examples per round (a user
+    with more trains on a fresh random subset of that many).
+    """
+
+    partition: str = "label_skew"
+    num_users: int | None = 600  # label_skew / iid; natural: taken from the data
+    classes_per_user: int = 2
+    partition_seed: int = 0
+    users_per_round: float = 30.0
+    num_slots: int | None = None
+    max_examples_per_user: int = 100
+    local_epochs: int = 1
+    local_batch_size: int = 10
+    local_optimizer: str = "sgd"
+    local_learning_rate: float = 0.1
+    local_momentum: float = 0.9
+
+
+@dataclasses.dataclass
 class PerfConfig:
     """How the clipped sum is computed; none of it changes the guarantee (the physical
     batch size sets SecAgg's fixed-point scale, which the mechanism's fingerprint
@@ -142,6 +170,7 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     perf: PerfConfig = dataclasses.field(
         default_factory=PerfConfig, metadata={"trajectory": False})
+    federated: FederatedConfig = dataclasses.field(default_factory=FederatedConfig)
     name: str = _off_trajectory("run")
 
 
@@ -300,6 +329,19 @@ def validate(
     _check_choice("dp.aggregation", d.aggregation, AGGREGATIONS)
     _check_choice("dp.randomness", d.randomness, RANDOMNESS)
     _check_choice("dp.noise", d.noise, NOISES)
+    _check_choice("dp.unit", d.unit, UNITS)
+    if d.unit == "user":
+        if not d.enabled:
+            _fail("dp.unit", d.unit, "to be 'example' with dp.enabled=false")
+        if d.sampling != "poisson":
+            _fail("dp.sampling", d.sampling, "to be 'poisson' with dp.unit='user' (users are "
+                  "Poisson-sampled each round)")
+        if d.noise != "gaussian":
+            _fail("dp.noise", d.noise, "to be 'gaussian' with dp.unit='user' (distributed "
+                  "discrete noise is wired for example-level parties only)")
+        if cfg.train.distributed:
+            _fail("train.distributed", cfg.train.distributed, "to be false with dp.unit='user' "
+                  "(a round runs on one device)")
     if not (isinstance(d.secagg_bits, int) and 8 <= d.secagg_bits <= 32):
         _fail("dp.secagg_bits", d.secagg_bits, "to be an integer in [8, 32]")
     if not (_finite(d.wrap_probability) and 0 < d.wrap_probability < 1):
@@ -323,7 +365,7 @@ def validate(
     if d.aggregation != "secagg" and d.secagg_bits != 32:
         _fail("dp.secagg_bits", d.secagg_bits, "to be 32 (the default) unless "
               "dp.aggregation='secagg'")
-    if d.aggregation == "secagg" and d.enabled:
+    if d.aggregation == "secagg" and d.enabled and d.unit != "user":
         survivors = d.num_parties if d.min_survivors is None else d.min_survivors
         if survivors > d.num_parties:
             _fail("dp.min_survivors", d.min_survivors,
@@ -363,7 +405,10 @@ def validate(
             _fail(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
                   f"to be null or train.batch_size={t.batch_size} with dp.sampling='fixed_size'")
     if d.aggregation == "secagg":
-        if d.num_parties < 2:
+        if d.unit == "user" and d.num_parties != 1:
+            _fail("dp.num_parties", d.num_parties, "to be 1 (unset) with dp.unit='user': the "
+                  "parties are a round's user slots (federated.num_slots)")
+        if d.unit != "user" and d.num_parties < 2:
             _fail("dp.num_parties", d.num_parties, "to be >= 2 with dp.aggregation='secagg'")
         if d.secagg_mode is not None:
             _check_choice("dp.secagg_mode", d.secagg_mode, SECAGG_MODES)

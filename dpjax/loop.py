@@ -149,8 +149,7 @@ def _train_steps(run: Run, state: TrainState, progressed: resume.Progressed,
 
     last_saved = int(state.step) if progressed.resumed_from else None
     for step in range(int(state.step), run.plan.to_run):
-        chunks = distributed.place_chunks(sampler.sample(step), run.task.x_train,
-                                          run.task.y_train, run.mesh)
+        chunks = run.batches(sampler, step)
         state, stats = run.step_fn.run(state, chunks)
         nonfinite = nonfinite + stats.num_nonfinite
         if run.mechanism is not None:

@@ -48,9 +48,10 @@ class StepRecorder:
         self.metrics.write(record)
         if self.diagnostics.stream is not None:
             diag: dict[str, Any] = {
-                "step": done, "loss": float(self.batch_loss(state.params, *chunks[0])),
-                "batch_size": int(stats.batch_size), "num_nonfinite": int(stats.num_nonfinite),
-                "wall_time_s": self.elapsed()}
+                "step": done, "batch_size": int(stats.batch_size),
+                "num_nonfinite": int(stats.num_nonfinite), "wall_time_s": self.elapsed()}
+            if run.federated is None:  # a round's users train locally: no one batch loss
+                diag["loss"] = float(self.batch_loss(state.params, *chunks[0]))
             if run.mechanism is not None:
                 diag.update(clipped_fraction=float(stats.clipped_fraction),
                             mean_grad_norm=float(stats.mean_grad_norm))

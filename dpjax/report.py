@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (
-    "run", "status", "randomness", "dataset", "model", "noise_multiplier", "epsilon", "delta",
+    "run", "status", "randomness", "unit", "dataset", "model", "noise", "noise_multiplier",
+    "epsilon", "delta",
     "steps", "test_accuracy", "stopped_reason", "audit", "epsilon_lower_bound", "consistent",
     "error",
 )
@@ -82,8 +83,8 @@ def write_csv(rows, path: Path) -> None:
 
 
 def markdown_table(rows) -> str:
-    head = ("| run | sigma | epsilon | delta | steps | test accuracy | stopped | randomness |\n"
-            "|---|---:|---:|---:|---:|---:|---|---|\n")
+    head = ("| run | unit | sigma | epsilon | delta | steps | test accuracy | stopped "
+            "| randomness |\n|---|---|---:|---:|---:|---:|---:|---|---|\n")
     body = []
     for r in rows:
         if r.get("status") != "completed" or r.get("audit"):
@@ -91,7 +92,8 @@ def markdown_table(rows) -> str:
         eps = "non-private" if not r.get("dp_enabled", True) else _fmt(r.get("epsilon"))
         acc = r.get("test_accuracy")
         body.append(
-            f"| {r['run']} | {_fmt(r.get('noise_multiplier'))} | {eps} | {_fmt(r.get('delta'))} "
+            f"| {r['run']} | {_fmt(r.get('unit'))} | {_fmt(r.get('noise_multiplier'))} | {eps} "
+            f"| {_fmt(r.get('delta'))} "
             f"| {_fmt(r.get('steps'))} | {100 * acc:.2f}% | {_fmt(r.get('stopped_reason'))} "
             f"| {_fmt(r.get('randomness'))} |"
         )
@@ -187,7 +189,7 @@ def report(root: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"Expected a run or multirun directory; {root} does not exist.")
     rows, audits = collect(root), collect_audits(root)
     if not rows and not audits:
-        raise FileNotFoundError(f"No summary.json or audit.json under {root}: is it a "
+        raise FileNotFoundError(f"No summary.json under {root} (nor an audit.json): is it a "
                                 "dpjax-train or dpjax-audit output dir?")
     write_csv(rows + audits, root / "results.csv")
     (root / "results.md").write_text(markdown_table(rows) + audit_table(audits))

@@ -12,8 +12,8 @@ def _write(root, name, **summary):
 def _done(eps, acc, sigma, dp=True):
     return dict(status="completed", dp_enabled=dp, epsilon=eps if dp else None,
                 delta=1e-5 if dp else None, noise_multiplier=sigma if dp else None, steps=10,
-                test_accuracy=acc, stopped_reason="completed", wall_time_s=1.0,
-                dataset="digits", model="mlp")
+                test_accuracy=acc, stopped_reason="completed", dataset="digits", model="mlp",
+                unit="example" if dp else None)
 
 
 def test_report_writes_one_row_per_run_and_lists_failures(tmp_path):
@@ -26,7 +26,7 @@ def test_report_writes_one_row_per_run_and_lists_failures(tmp_path):
     csv_lines = (tmp_path / "results.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("run,status")
     md = (tmp_path / "results.md").read_text()
-    assert "| 1 | 2 | 1 | 1e-05 | 10 | 70.00% |" in md
+    assert "| 1 | example | 2 | 1 | 1e-05 | 10 | 70.00% |" in md  # the unit of privacy too
     assert "non-private" in md and "`2`: ConfigError: Expected dp.delta=2.0" in md
     png = (tmp_path / "privacy_utility.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -10,13 +10,12 @@ The server optimizer is the run's ``optimizer`` section; a round is a step
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 
-from dpjax.config import ConfigError
+from dpjax.config import ConfigError, FederatedConfig
 from dpjax.federated.local import LOCAL_OPTIMIZERS, LocalTraining, local_optimizer
 from dpjax.federated.users import (
     PartitionKind,
@@ -29,29 +28,6 @@ from dpjax.federated.users import (
 PARTITIONS = tuple(str(k) for k in PartitionKind)
 
 
-@dataclasses.dataclass
-class FederatedConfig:
-    """Users, user sampling and local training of DP-FedAvg.
-
-    ``users_per_round`` is the expected number of sampled users ``q U`` (the user
-    sampling rate is ``users_per_round / num_users``); ``num_slots`` (null: expected plus
-    3 standard deviations) is the public number of party slots per round.
-    ``max_examples_per_user`` is the public cap of a user's examples per round (a user
-    with more trains on a fresh random subset of that many).
-    """
-
-    partition: str = "label_skew"
-    num_users: int | None = 600  # label_skew / iid; natural: taken from the data
-    classes_per_user: int = 2
-    partition_seed: int = 0
-    users_per_round: float = 30.0
-    num_slots: int | None = None
-    max_examples_per_user: int = 100
-    local_epochs: int = 1
-    local_batch_size: int = 10
-    local_optimizer: str = "sgd"
-    local_learning_rate: float = 0.1
-    local_momentum: float = 0.9
 
 
 def _fail(key: str, value: Any, accepted: str) -> None:
