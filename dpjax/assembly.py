@@ -130,6 +130,21 @@ def _user_level(cfg: RunConfig, task: Task, steps: int, mesh) -> Parts:
     from dpjax.federated.slots import default_num_slots  # noqa: PLC0415
 
     slots = f.num_slots or default_num_slots(partition.num_users, q)
+    if d.noise != "gaussian":  # each user's slot adds its share of discrete noise
+        import math  # noqa: PLC0415
+
+        import jax  # noqa: PLC0415
+
+        from dpjax.choices import Noise, Sampling, Unit  # noqa: PLC0415
+        from dpjax.mechanism import distributed_mechanism  # noqa: PLC0415
+
+        common = dict(sampling=Sampling.POISSON, num_examples=partition.num_users,
+                      sample_rate=q, expected_batch_size=q * partition.num_users,
+                      physical_batch_size=slots, noise=Noise(d.noise), unit=Unit.USER,
+                      num_params=sum(math.prod(p.shape)
+                                     for p in jax.tree_util.tree_leaves(task.params)))
+        mechanism = distributed_mechanism(Mechanism, d, common, clip, steps, cfg.train.seed)
+        return Parts(task, mechanism, steps, slots, None, (partition, local))
     aggregation = None
     if d.aggregation == "secagg":
         settings = SecAggSettings(slots, d.secagg_threshold, d.secagg_neighbours,

@@ -336,9 +336,6 @@ def validate(
         if d.sampling != "poisson":
             _fail("dp.sampling", d.sampling, "to be 'poisson' with dp.unit='user' (users are "
                   "Poisson-sampled each round)")
-        if d.noise != "gaussian":
-            _fail("dp.noise", d.noise, "to be 'gaussian' with dp.unit='user' (distributed "
-                  "discrete noise is wired for example-level parties only)")
         if cfg.train.distributed:
             _fail("train.distributed", cfg.train.distributed, "to be false with dp.unit='user' "
                   "(a round runs on one device)")

@@ -217,7 +217,7 @@ class Mechanism:
                       physical_batch_size=physical_batch_size, num_params=num_params,
                       noise=Noise(d.noise))
         if Noise(d.noise) is not Noise.GAUSSIAN:
-            return _distributed(cls, d, common, clip, steps, seed)
+            return distributed_mechanism(cls, d, common, clip, steps, seed)
         aggregation: Aggregator = PlainSum()
         if d.aggregation == "secagg":
             settings = SecAggSettings(d.num_parties, d.secagg_threshold, d.secagg_neighbours,
@@ -234,36 +234,47 @@ class Mechanism:
 
 
 def distributed_aggregation(d, *, sigma: float, clip, rows_per_party: int, num_params: int,
-                            seed: int) -> DistributedNoiseSum:
+                            seed: int, num_parties: int | None = None,
+                            unit: Unit = Unit.EXAMPLE) -> DistributedNoiseSum:
     """The distributed-noise aggregation of a ``dp`` section at central multiplier ``sigma``:
     gamma and each party's noise chosen (:func:`dpjax.secagg.ddp_params.choose_parameters`)
     so that the noise of the honest survivors alone is ``sigma`` times the integer
-    sensitivity and no coordinate wraps but with probability ``dp.wrap_probability``."""
+    sensitivity and no coordinate wraps but with probability ``dp.wrap_probability``.
+
+    ``unit=example``: a party holds ``rows_per_party`` rows per chunk (its vector is
+    bounded by ``max_chunks * rows * C``; randomized rounding). ``unit=user``: a party is
+    one user's slot (``num_parties`` slots; its vector is bounded by ``C`` and conditional
+    rounding keeps the rounded vector within the sensitivity)."""
     from dpjax.secagg.ddp_params import choose_parameters  # noqa: PLC0415
 
-    n = d.num_parties
+    n = num_parties or d.num_parties
     survivors = n if d.min_survivors is None else d.min_survivors
     row_bound = sensitivity(clip)
     settings = SecAggSettings(n, d.secagg_threshold, d.secagg_neighbours, secagg_mode(d),
                               seed=seed)
-    max_chunks = DistributedNoiseSum.max_chunks
+    party = (DistributedNoiseSum.max_chunks * rows_per_party * row_bound
+             if Unit(unit) is Unit.EXAMPLE else row_bound)
     params = choose_parameters(
-        noise_multiplier=sigma, l2_clip_norm=row_bound,
-        party_l2_bound=max_chunks * rows_per_party * row_bound, dim=num_params,
-        num_parties=n, min_honest_survivors=survivors - d.max_colluders, bits=d.secagg_bits,
-        unit="example", noise=d.noise, wrap_probability=d.wrap_probability)
+        noise_multiplier=sigma, l2_clip_norm=row_bound, party_l2_bound=party,
+        dim=num_params, num_parties=n, min_honest_survivors=survivors - d.max_colluders,
+        bits=d.secagg_bits, unit=str(unit), noise=d.noise,
+        wrap_probability=d.wrap_probability)
     return DistributedNoiseSum(settings, rows_per_party, row_bound, params, survivors,
                                d.simulated_dropouts)
 
 
-def _distributed(cls, d, common: dict, clip, steps: int, seed: int) -> Mechanism:
+def distributed_mechanism(cls, d, common: dict, clip, steps: int, seed: int) -> Mechanism:
     """A distributed-noise mechanism; a target epsilon calibrates the central multiplier
-    with the discrete accountant (each evaluation chooses gamma and the party noise)."""
-    rows = common["physical_batch_size"] // d.num_parties
+    with the discrete accountant (each evaluation chooses gamma and the party noise).
+    With ``common["unit"] == user`` every slot (``physical_batch_size`` of them) is a party."""
+    user = Unit(common.get("unit", Unit.EXAMPLE)) is Unit.USER
+    parties = common["physical_batch_size"] if user else d.num_parties
+    rows = 1 if user else common["physical_batch_size"] // d.num_parties
 
     def build(sigma: float) -> Mechanism:
         agg = distributed_aggregation(d, sigma=sigma, clip=clip, rows_per_party=rows,
-                                      num_params=common["num_params"], seed=seed)
+                                      num_params=common["num_params"], seed=seed,
+                                      num_parties=parties, unit=common.get("unit", Unit.EXAMPLE))
         return cls(clipped=ClippedSum(clip, agg), noise_multiplier=float(sigma), **common)
 
     if d.target_epsilon is None:

@@ -36,5 +36,14 @@ def test_user_level_settings_that_do_not_apply_are_refused():
         validate(_cfg("dp.sampling=fixed_size"))
     with pytest.raises(ConfigError, match="dp.num_parties=4 to be 1"):
         validate(_cfg("dp.aggregation=secagg", "dp.num_parties=4"))
-    with pytest.raises(ConfigError, match="dp.noise='skellam'.*dp.unit='user'"):
-        validate(_cfg("dp.aggregation=secagg", "dp.noise=skellam"))
+    with pytest.raises(ConfigError, match="dp.noise='skellam'.*dp.aggregation='secagg'"):
+        validate(_cfg("dp.noise=skellam"))
+
+
+def test_user_level_distributed_noise_runs_with_one_party_per_slot(tmp_path):
+    s = run_training(_cfg("dp.aggregation=secagg", "dp.secagg_mode=simulation",
+                          "dp.noise=skellam", "dp.secagg_bits=20"), tmp_path)
+    p = s["distributed_dp"]
+    assert s["unit"] == "user" and p["unit"] == "user" and p["num_parties"] > 10
+    # user level: the sensitivity is conditional rounding's bound on a party's vector
+    assert p["rounding_l2_bound"] == p["l2_sensitivity"]
