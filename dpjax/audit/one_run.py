@@ -6,13 +6,15 @@ the auditor ranks the canaries by a score, guesses "in" for the highest and "out
 for the lowest, and the number of right guesses bounds epsilon from below
 (:func:`dpjax.audit.stats.one_run_epsilon_lower_bound`). The audit, as data flows:
 
-    canaries  = m mislabeled training rows (set aside) or m Dirac rows    canaries.py
+    canaries  = m Dirac rows, or m mislabeled training rows set aside      canaries.py
     included  = one fair coin per canary (stream AUDIT of the audit's secret)
-    task      = the training split + the included canaries                normal data path
+    task      = the other training rows + the included canaries           normal data path
     parts     = assemble_parts(cfg, task)      the mechanism of the dataset really trained on
-    for t < planned steps:   state = step.run(state, sampler(secret).sample(t))
-                             white[c] += LLR_t(<privatized gradient_t, direction of c at theta_t>)
-                             ledger = mechanism.record(ledger)
+    for t < planned steps:
+        state     = step.run(state, sampler(secret).sample(t))           real step, optimizer
+        residual  = privatized sum_t - q * sum_{other rows} clip(grad l_i(theta_t))
+        white[c] += LLR(<residual, direction of c at theta_t> / S)     per step, claimed q, sigma
+        ledger    = mechanism.record(ledger)
     black[c]  = loss_c(theta_0) - loss_c(theta_T)                          the final model only
     bound     = max(one_run(white), one_run(black)), each at (1 - confidence) / 2
 
