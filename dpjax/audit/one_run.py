@@ -284,6 +284,12 @@ def run_one_run_audit(cfg: RunConfig, *, num_canaries: int, seed: int, canary: s
     """
     if not cfg.dp.enabled:
         raise ValueError("Expected dp.enabled=true: the one-run audit tests a DP mechanism.")
+    if canary not in KINDS:
+        raise ValueError(f"Expected audit.canary={canary!r} to be one of {list(KINDS)}.")
+    if isinstance(num_canaries, bool) or not isinstance(num_canaries, int) or num_canaries < 1:
+        raise ValueError(f"Expected num_canaries={num_canaries!r} to be an integer >= 1.")
+    if not (0 < delta < 1 and 0 < confidence < 1):
+        raise ValueError(f"Expected delta={delta!r} and confidence={confidence!r} in (0, 1).")
     if cfg.dp.sampling != "poisson":
         raise ValueError(f"Expected dp.sampling={cfg.dp.sampling!r} to be 'poisson' for the "
                          "one-run audit: a fixed-size run claims replace-one privacy, and "

@@ -219,3 +219,22 @@ def test_the_cli_writes_audit_json_and_exits_zero_when_consistent(tmp_path):
     assert result["epsilon_lower_bound"] <= result["epsilon_claimed"]
     assert result["epsilon_lower_bound"] == max(result["epsilon_lower_bound_white_box"],
                                                 result["epsilon_lower_bound_black_box"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"canary": "gradient"}, "audit.canary='gradient'"),
+    ({"num_canaries": 0}, "num_canaries=0"),
+    ({"delta": 0.0}, "delta=0.0"),
+])
+def test_bad_arguments_are_refused_before_any_compute(kwargs, match, monkeypatch):
+    def no_task(cfg):
+        raise AssertionError("built the task before checking the arguments")
+
+    monkeypatch.setattr("dpjax.audit.one_run.build_task", no_task)
+    args = {"num_canaries": 10, "seed": 0, "canary": "dirac", "delta": 1e-5,
+            "confidence": 0.95, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        run_one_run_audit(_cfg(), **args)
+    with pytest.raises(ValueError, match="dp.sampling='fixed_size'"):
+        run_one_run_audit(_cfg(["dp.sampling=fixed_size"]), **{**args, **{
+            "canary": "dirac", "num_canaries": 10, "delta": 1e-5}})
