@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -90,3 +91,88 @@ def dirac_loss(loss_fn, params: PyTree, leaf: int = 0, coordinate: int = 0,
     direction[leaf] = direction[leaf].reshape(-1).at[coordinate].set(1.0).reshape(
         leaves[leaf].shape)
     return loss, jax.tree_util.tree_unflatten(treedef, direction)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanarySet:
+    """``m`` canary rows for a one-run audit and the training rows they leave behind.
+
+    ``x[i], y[i]`` is canary i's row; ``rest`` indexes the training rows that stay
+    (all of them for Dirac canaries, the others for input canaries made from
+    training rows); ``coordinates`` are the Dirac canaries' flat parameter indices.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    kind: str  # "mislabeled" or "dirac"
+    rest: np.ndarray
+    source_indices: np.ndarray  # the training rows each canary was made from
+    coordinates: np.ndarray | None = None
+
+
+def _choice_rng(seed: int, salt: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(salt,)))
+
+
+def mislabeled_canaries(x: np.ndarray, y: np.ndarray, num_classes: int, num_canaries: int,
+                        seed: int) -> CanarySet:
+    """``num_canaries`` training rows drawn with ``seed``, set aside and each relabeled with a
+    uniformly random wrong class (Steinke, Nasr, Jagielski 2023, Section 7: canaries are
+    training examples, so ``num_canaries`` is at most half the training set).
+
+    A wrong label makes the loss high, so the gradient is large (clipped to exactly the
+    clip norm for most rows) and the model learns it only from the canary itself; a
+    random wrong class (not the least likely one) spreads the canaries' gradients over
+    the classes, so one included canary moves the others' scores less.
+    """
+    if not 1 <= num_canaries <= len(x) // 2:
+        raise ValueError(f"Expected num_canaries={num_canaries!r} in [1, {len(x) // 2}] (at "
+                         f"most half of the {len(x)} training rows).")
+    if num_classes < 2:
+        raise ValueError(f"Expected num_classes={num_classes!r} >= 2 to mislabel a row.")
+    rng = _choice_rng(seed, 0x0E1A)
+    order = rng.permutation(len(x))
+    source, rest = order[:num_canaries], np.sort(order[num_canaries:])
+    shift = rng.integers(1, num_classes, size=num_canaries)
+    wrong = ((y[source].astype(np.int64) + shift) % num_classes).astype(y.dtype)
+    return CanarySet(x[source], wrong, "mislabeled", rest, source)
+
+
+def dirac_canaries(x: np.ndarray, y: np.ndarray, num_classes: int, params: PyTree,
+                   num_canaries: int, seed: int) -> CanarySet:
+    """``num_canaries`` Dirac canaries on distinct parameter coordinates drawn with ``seed``.
+
+    Canary i is a row whose label is ``num_classes + i`` (a marker no real row has); under
+    :func:`dirac_rows_loss` its loss is ``M * theta[coordinates[i]]``, so its clipped
+    gradient is the clip norm times a unit vector of its own coordinate: every canary
+    adds exactly the clip norm, on a direction no other canary touches. Its input is a
+    copy of a training input (unused by the loss); no training row is set aside.
+    """
+    num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(params))
+    if not 1 <= num_canaries <= num_params:
+        raise ValueError(f"Expected num_canaries={num_canaries!r} in [1, {num_params}] (one "
+                         "parameter coordinate per Dirac canary).")
+    rng = _choice_rng(seed, 0xD1AC)
+    coordinates = np.sort(rng.choice(num_params, size=num_canaries, replace=False))
+    source = rng.integers(0, len(x), size=num_canaries)
+    markers = (num_classes + np.arange(num_canaries)).astype(y.dtype)
+    return CanarySet(x[source], markers, "dirac", np.arange(len(x)), source,
+                     coordinates.astype(np.int64))
+
+
+def dirac_rows_loss(loss_fn, num_classes: int, coordinates: np.ndarray,
+                    magnitude: float = DIRAC_MAGNITUDE):
+    """``loss_fn`` on ``(x, y)`` batches where a row labeled ``num_classes + i`` is Dirac
+    canary i: its loss is ``magnitude * theta_flat[coordinates[i]]`` (gradient
+    ``magnitude * e_{coordinates[i]}``); every other row keeps its loss."""
+    coords = jnp.asarray(coordinates)
+
+    def loss(params, batch):
+        x, y = batch
+        canary = y >= num_classes
+        base = loss_fn(params, (x, jnp.where(canary, 0, y)))
+        flat = jax.flatten_util.ravel_pytree(params)[0]
+        index = coords[jnp.clip(y - num_classes, 0, coords.size - 1)]
+        return jnp.where(canary, magnitude * flat[index].astype(base.dtype), base)
+
+    return loss
