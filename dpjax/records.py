@@ -46,7 +46,10 @@ class StepRecorder:
                 record.update(test_accuracy=self.last_eval["accuracy"],
                               test_loss=self.last_eval["loss"])
         self.metrics.write(record)
-        if self.diagnostics.stream is not None:
+        # Every process computes the diagnostics (the batch loss is a computation over
+        # the global batch, a collective on a multi-process mesh); only the writer
+        # (process 0) has a stream. Gating on the stream deadlocked train.distributed.
+        if t.nonprivate_diagnostics:
             diag: dict[str, Any] = {
                 "step": done, "batch_size": int(stats.batch_size),
                 "num_nonfinite": int(stats.num_nonfinite), "wall_time_s": self.elapsed()}
