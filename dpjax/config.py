@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from dpjax.choices import (
@@ -117,6 +118,10 @@ class TrainConfig:
     log_every: int = _off_trajectory(20)
     eval_split: str = "test"
     validation_fraction: float = 0.1
+    # A public random subset of the training split (membership inference): each example
+    # kept independently with probability subset_fraction, chosen by subset_seed alone.
+    subset_fraction: float | None = None
+    subset_seed: int = 0
     eval_batch_size: int = _off_trajectory(2048)
     distributed: bool = _off_trajectory(False)
     checkpoint_every: int | None = _off_trajectory(None)
@@ -191,6 +196,10 @@ class AuditConfig:
     chunks: int = 1  # step audit: the physical batch split into this many chunks
     confidence: float = 0.95
     delta: float | None = None  # default: dp.delta
+    # mia: the hydra/launcher of the models' multirun (null: Hydra's basic launcher, the
+    # models in turn in one process; local: joblib; slurm; ...) and its hydra.launcher.* keys
+    launcher: str | None = None
+    launcher_overrides: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -218,6 +227,23 @@ def validate_audit(cfg: AuditRunConfig, num_train: int | None = None) -> None:
     if a.kind == "one_run" and num_train is not None and 2 * a.num_canaries > num_train:
         _fail("audit.num_canaries", a.num_canaries,
               f"to be at most half the training set ({num_train // 2})")
+    if a.kind == "mia":
+        if a.shadow_models < 2:
+            _fail("audit.shadow_models", a.shadow_models, "to be >= 2 for audit=mia (LiRA fits "
+                  "a Gaussian to the shadows that did not train on each example)")
+        if cfg.train.subset_fraction is not None:
+            _fail("train.subset_fraction", cfg.train.subset_fraction, "to be null with "
+                  "audit=mia (the audit trains every model on a random half of the pool)")
+        if cfg.dp.enabled and a.delta is not None and a.delta != cfg.dp.delta:
+            _fail("audit.delta", a.delta, f"to be null or dp.delta={cfg.dp.delta!r} with "
+                  "audit=mia (the claim is the target run's epsilon at dp.delta)")
+        if a.launcher is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(a.launcher)):
+            _fail("audit.launcher", a.launcher, "to be null or a hydra/launcher config name "
+                  "(local, local_submitit, slurm, ...)")
+        for item in a.launcher_overrides:
+            if not (isinstance(item, str) and item.startswith("hydra.launcher.") and "=" in item):
+                _fail("audit.launcher_overrides", item, "to hold 'hydra.launcher.<key>=<value>' "
+                      "overrides only (anything else could make the models differ from the run)")
     if a.kind in ("step", "one_run") and not cfg.dp.enabled:
         _fail("dp.enabled", cfg.dp.enabled, f"to be true for audit={a.kind} (it tests a DP "
               "mechanism)")
@@ -318,8 +344,13 @@ def validate(
         _fail("train.devices", t.devices, "to be 'all' or a positive integer")
     if not (_finite(t.validation_fraction) and 0 < t.validation_fraction < 1):
         _fail("train.validation_fraction", t.validation_fraction, "in (0, 1)")
-    if isinstance(t.seed, bool) or not isinstance(t.seed, int) or t.seed < 0:
-        _fail("train.seed", t.seed, "to be an integer >= 0")
+    for key in ("seed", "subset_seed"):
+        value = getattr(t, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            _fail(f"train.{key}", value, "to be an integer >= 0")
+    if t.subset_fraction is not None and not (_finite(t.subset_fraction)
+                                              and 0 < t.subset_fraction < 1):
+        _fail("train.subset_fraction", t.subset_fraction, "to be null (all) or in (0, 1)")
 
     d = cfg.dp
     _check_choice("dp.accountant", d.accountant, ACCOUNTANTS)

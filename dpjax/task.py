@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax.config import RunConfig
+from dpjax.config import ConfigError, RunConfig
 from dpjax.models import check_no_batch_mixing, get_model
 from dpjax.train import cross_entropy_loss
 
@@ -75,6 +75,46 @@ def split_validation(ds, fraction: float, seed: int):
     return (ds.x_train[train], ds.y_train[train]), (ds.x_train[val], ds.y_train[val])
 
 
+_SUBSET_SALT = 0x5B5E7  # keeps subset_seed's stream apart from every other use of an integer
+
+
+def subset_mask(num_examples: int, fraction: float, seed: int) -> np.ndarray:
+    """Which rows of the training split ``train.subset_fraction`` keeps: a boolean mask of
+    length ``num_examples``, each row kept independently with probability ``fraction``.
+
+    A function of ``seed`` and the row count only, never of the data: the subset is
+    public, as ``train.subset_seed`` is. It decides which examples are members, and the
+    run's guarantee covers exactly the kept rows (its dataset); the rows left out
+    (``~mask``) are never read. Independent inclusion makes each kept row one
+    add/remove neighbour away from the run without it, the relation the accountant
+    assumes, which membership inference audits rely on (:mod:`dpjax.audit.mia`).
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer) \
+            or num_examples < 0:
+        raise ValueError(f"Expected num_examples={num_examples!r} to be an integer >= 0.")
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating) \
+            or not 0 < fraction < 1:
+        raise ValueError(f"Expected fraction={fraction!r} in (0, 1).")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"Expected seed={seed!r} to be an integer >= 0.")
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(_SUBSET_SALT,)))
+    return rng.random(int(num_examples)) < fraction
+
+
+def take_subset(cfg: RunConfig, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` restricted to ``train.subset_fraction``'s subset (unchanged when unset)."""
+    t = cfg.train
+    if t.subset_fraction is None:
+        return x, y
+    keep = subset_mask(len(x), t.subset_fraction, t.subset_seed)
+    if not keep.any():
+        raise ConfigError(
+            f"Expected train.subset_fraction={t.subset_fraction!r} with "
+            f"train.subset_seed={t.subset_seed!r} to keep at least one of the {len(x)} "
+            "training examples; it keeps none.")
+    return x[keep], y[keep]
+
+
 def load_data(cfg: RunConfig):
     from dpjax.data import load_dataset  # noqa: PLC0415  (keeps `import dpjax` light)
 
@@ -99,13 +139,23 @@ class Task:
     apply_fn: Callable[..., jax.Array]
 
 
-def build_task(cfg: RunConfig) -> Task:
-    """Loads the data and builds the model (refusing one that mixes examples)."""
-    ds = load_data(cfg)
-    (x_train, y_train), holdout = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
+def training_pool(cfg: RunConfig, ds) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
+    """``((x, y), holdout)``: the training split before any ``train.subset_fraction`` (the
+    pool a subset is drawn from) and the split evaluated during training."""
     if cfg.train.eval_split == "validation":
-        (x_train, y_train), holdout = split_validation(ds, cfg.train.validation_fraction,
-                                                       cfg.train.seed)
+        return split_validation(ds, cfg.train.validation_fraction, cfg.train.seed)
+    return (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
+
+
+def build_task(cfg: RunConfig) -> Task:
+    """Loads the data and builds the model (refusing one that mixes examples).
+
+    The training split is the pool of :func:`training_pool` restricted to
+    ``train.subset_fraction``'s public subset when that is set.
+    """
+    ds = load_data(cfg)
+    (x_train, y_train), holdout = training_pool(cfg, ds)
+    x_train, y_train = take_subset(cfg, x_train, y_train)
     model = get_model(cfg.model.name, ds.num_classes, **cfg.model.options)
     check_no_batch_mixing(model, jnp.asarray(x_train[:2]))  # two rows: the jvp check
     params = model.init(jax.random.PRNGKey(cfg.train.seed), jnp.asarray(x_train[:1]))["params"]
