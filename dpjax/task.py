@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from dpjax.config import RunConfig
+from dpjax.lm_task import LMSetup, build_lm_fields, is_language_task
 from dpjax.models import check_no_batch_mixing, get_model
 from dpjax.train import cross_entropy_loss
 
@@ -97,10 +98,13 @@ class Task:
     evaluate: Callable[..., dict[str, float]]
     num_classes: int
     apply_fn: Callable[..., jax.Array]
+    lm: LMSetup | None = None  # language models: the model, frozen leaves, corpus, source
 
 
 def build_task(cfg: RunConfig) -> Task:
     """Loads the data and builds the model (refusing one that mixes examples)."""
+    if is_language_task(cfg):
+        return Task(**build_lm_fields(cfg))
     ds = load_data(cfg)
     (x_train, y_train), holdout = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
     if cfg.train.eval_split == "validation":
