@@ -225,3 +225,39 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def read_params(directory: str | Path) -> tuple[Any, dict[str, Any], int]:
+    """``(params, meta, step)`` of the latest checkpoint under ``directory``, read-only.
+
+    For starting another run from this one's parameters (``model.init_from``): the
+    state is read without a template and only its ``params`` are returned; the
+    secret, the optimizer state and the step counter are dropped here, so the new
+    run cannot reuse them. Raises :class:`CheckpointError` when there is no readable
+    checkpoint.
+    """
+    directory = Path(directory).expanduser().absolute()
+    where = f"the checkpoint directory {directory}"
+    if not directory.is_dir():
+        raise CheckpointError(f"Expected {where} to exist: the output directory of an earlier "
+                              "run (holding checkpoints/) or its checkpoints/ directory.")
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    manager = ocp.CheckpointManager(directory, options=options)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"Expected a checkpoint in {where}; it holds none.")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                  meta=ocp.args.JsonRestore())
+        try:
+            restored = manager.restore(step, args=args)
+            params, meta = restored.state["params"], restored.meta
+        except Exception as err:
+            raise CheckpointError(f"Expected a readable checkpoint step {step} in {where}; "
+                                  f"reading it failed with {type(err).__name__}: {err}") from err
+    finally:
+        manager.close()
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"Expected format_version={FORMAT_VERSION} in checkpoint step "
+                              f"{step} of {where}.")
+    return jax.tree_util.tree_map(np.asarray, params), meta, step

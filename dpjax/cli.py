@@ -47,6 +47,8 @@ def one_line_summary(s: dict, wall_time_s: float) -> str:
     """The last line a run prints. The wall time depends on realized batch sizes (the
     number of chunks per step), so it is labelled non-private."""
     acc = f"test accuracy {100 * s['test_accuracy']:.2f}%"
+    if s.get("test_bits_per_byte") is not None:  # language models: next-token accuracy
+        acc += f", {s['test_bits_per_byte']:.4f} bits per byte"
     if s["dp_enabled"]:
         privacy = (f"epsilon {s['epsilon']:.3f}, delta {s['delta']:g} ({s['accountant']}), "
                    f"sigma {s['noise_multiplier']:.4g}")

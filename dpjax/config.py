@@ -65,6 +65,9 @@ class DatasetConfig:
 class ModelConfig:
     name: str = "cnn1d"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the output directory (or its checkpoints/) of an earlier run whose parameters start
+    # this one (language models): parameters only, never its secret
+    init_from: str | None = None
 
 
 @dataclasses.dataclass
@@ -181,6 +184,7 @@ class RunConfig:
 
 AUDIT_KINDS = ("step", "one_run", "mia", "exposure")
 CANARY_KINDS = ("input", "dirac")
+EXPOSURE_METHODS = ("enumerate", "extrapolate")
 
 
 @dataclasses.dataclass
@@ -200,6 +204,13 @@ class AuditConfig:
     # models in turn in one process; local: joblib; slurm; ...) and its hydra.launcher.* keys
     launcher: str | None = None
     launcher_overrides: list[str] = dataclasses.field(default_factory=list)
+    # exposure audit: canaries inserted into the private training split
+    repetitions: list[int] = dataclasses.field(default_factory=lambda: [1, 4, 16])
+    canaries_per_repetition: int = 1
+    num_fresh: int = 16  # never-inserted canaries: the null distribution
+    secret_length: int = 6  # digits: a candidate space of 10 ** secret_length
+    exposure_method: str = "enumerate"  # enumerate (exact ranks) | extrapolate (estimate)
+    num_references: int = 4096  # extrapolate: sampled candidates per canary
 
 
 @dataclasses.dataclass
@@ -244,9 +255,25 @@ def validate_audit(cfg: AuditRunConfig, num_train: int | None = None) -> None:
             if not (isinstance(item, str) and item.startswith("hydra.launcher.") and "=" in item):
                 _fail("audit.launcher_overrides", item, "to hold 'hydra.launcher.<key>=<value>' "
                       "overrides only (anything else could make the models differ from the run)")
+    if a.kind == "exposure":
+        _validate_exposure(a)
     if a.kind in ("step", "one_run") and not cfg.dp.enabled:
         _fail("dp.enabled", cfg.dp.enabled, f"to be true for audit={a.kind} (it tests a DP "
               "mechanism)")
+
+
+def _validate_exposure(a: AuditConfig) -> None:
+    reps = list(a.repetitions) if isinstance(a.repetitions, list | tuple) else None
+    if not reps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in reps):
+        _fail("audit.repetitions", a.repetitions, "to be a non-empty list of integers >= 1")
+    _check_positive("audit.canaries_per_repetition", a.canaries_per_repetition, integer=True)
+    if isinstance(a.num_fresh, bool) or not isinstance(a.num_fresh, int) or a.num_fresh < 2:
+        _fail("audit.num_fresh", a.num_fresh, "to be an integer >= 2 (the null distribution)")
+    _check_positive("audit.secret_length", a.secret_length, integer=True)
+    _check_choice("audit.exposure_method", a.exposure_method, EXPOSURE_METHODS)
+    if isinstance(a.num_references, bool) or not isinstance(a.num_references, int) or (
+            a.num_references < 3):
+        _fail("audit.num_references", a.num_references, "to be an integer >= 3")
 
 
 PERF_ALIASES = ("clipping", "microbatch_size", "physical_batch_size")

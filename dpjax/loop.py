@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import dpjax.accounting as accounting
 import dpjax.checkpoint as checkpoint
 import dpjax.distributed as distributed
+import dpjax.lm_task as lm_task
 import dpjax.outputs as outputs
 import dpjax.preemption as preemption
 import dpjax.resume as resume
@@ -112,7 +113,7 @@ def _finish(run: Run, state, progressed: resume.Progressed, out_dir, writer,
         steps=int(state.step), ledger=progressed.ledger, resumed_from=progressed.resumed_from,
         test=run.task.evaluate(params, *run.task.test_split), clipping=perf(cfg).clipping,
         num_devices=1 if run.mesh is None else run.mesh.size,
-        num_processes=jax.process_count())
+        num_processes=jax.process_count(), task_fields=lm_task.summary_fields(run.task.lm))
     run.checkpointer.close()
     final = {"step": int(state.step), "final": True, "num_nonfinite": progressed.num_nonfinite,
              "wall_time_s": progressed.wall_time_s}

@@ -75,6 +75,20 @@ SUMMARY_FIELDS: dict[str, tuple[str, str]] = {
     "num_processes": (PUBLIC, "configuration and hardware"),
     "resumed_from": (PUBLIC, "steps at which the run was restarted: external events"),
     "status": (PUBLIC, "completed"),
+    # language models (dpjax.lm_task); their test_accuracy is next-token accuracy
+    "test_bits_per_byte": (COVERED, "the private model evaluated on the public test split"),
+    "corpus_hash": (PUBLIC, "SHA-256 of a corpus made from public inputs only (pydoc of the "
+                            "running Python; the seeded synthetic corpus); null for the "
+                            "user's text, whose hash would confirm guesses of it"),
+    "generator_version": (PUBLIC, "the Python or faker version that produced the corpus"),
+    "context_length": (PUBLIC, "configuration"),
+    "trainable": (PUBLIC, "configuration: full, lora or last_layer"),
+    "num_trainable_params": (PUBLIC, "configuration: the leaves clipped and noised (the "
+                                     "noise's dimension)"),
+    "init_from": (PUBLIC, "configuration: the run whose parameters started this one"),
+    "init_from_dataset": (PUBLIC, "the source run's configuration"),
+    "init_from_dp_enabled": (PUBLIC, "the source run's configuration"),
+    "init_from_epsilon": (PUBLIC, "the source run's accountant, for its own dataset"),
 }
 
 METRICS_FIELDS: dict[str, tuple[str, str]] = {
@@ -82,6 +96,7 @@ METRICS_FIELDS: dict[str, tuple[str, str]] = {
     "epsilon": (PUBLIC, "accountant: function of the configuration and the steps taken"),
     "test_accuracy": (COVERED, "the private model evaluated on the public test split"),
     "test_loss": (COVERED, "the private model evaluated on the public test split"),
+    "test_bits_per_byte": (COVERED, "the private model evaluated on the public test split"),
 }
 
 DIAGNOSTIC_FIELDS: dict[str, str] = {
@@ -95,6 +110,7 @@ DIAGNOSTIC_FIELDS: dict[str, str] = {
     "mean_grad_norm": "mean per-example gradient norm of the step, before clipping",
     "validation_accuracy": "accuracy on the validation split, part of the training data",
     "validation_loss": "loss on the validation split, part of the training data",
+    "validation_bits_per_byte": "bits per byte on the validation split (language models)",
     "wall_time_s": "seconds since the run started (resumed runs included); depends on "
                    "realized batch sizes through the number of chunks per step",
 }
@@ -146,9 +162,12 @@ def diagnostics_writer(stream: TextIO | None) -> JsonLines:
 
 def build_summary(cfg, *, mechanism, plan, num_train: int, steps: int, ledger,
                   resumed_from: list[int], test: dict[str, float], clipping: str,
-                  num_devices: int, num_processes: int) -> dict[str, Any]:
-    """``summary.json``'s fields (each classified in :data:`SUMMARY_FIELDS`)."""
+                  num_devices: int, num_processes: int,
+                  task_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``summary.json``'s fields (each classified in :data:`SUMMARY_FIELDS`); ``task_fields``
+    are the task's own (a language model's corpus and source, :mod:`dpjax.lm_task`)."""
     d, dp = cfg.dp, mechanism is not None
+    lm = {"test_bits_per_byte": test["bits_per_byte"]} if "bits_per_byte" in test else {}
     return {
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
@@ -187,5 +206,7 @@ def build_summary(cfg, *, mechanism, plan, num_train: int, steps: int, ledger,
         "num_devices": num_devices,
         "num_processes": num_processes,
         "resumed_from": resumed_from,
+        **lm,
+        **(task_fields or {}),
         "status": "completed",
     }

@@ -45,6 +45,8 @@ class StepRecorder:
             if public_eval:
                 record.update(test_accuracy=self.last_eval["accuracy"],
                               test_loss=self.last_eval["loss"])
+                if "bits_per_byte" in self.last_eval:
+                    record["test_bits_per_byte"] = self.last_eval["bits_per_byte"]
         self.metrics.write(record)
         # Every process computes the diagnostics (the batch loss is a computation over
         # the global batch, a collective on a multi-process mesh); only the writer
@@ -59,7 +61,6 @@ class StepRecorder:
                 diag.update(clipped_fraction=float(stats.clipped_fraction),
                             mean_grad_norm=float(stats.mean_grad_norm))
             if is_eval and not public_eval:
-                diag.update(validation_accuracy=self.last_eval["accuracy"],
-                            validation_loss=self.last_eval["loss"])
+                diag.update({f"validation_{k}": v for k, v in self.last_eval.items()})
             self.diagnostics.write(diag)
         self.progress.update(done, {k: v for k, v in record.items() if k != "step"})

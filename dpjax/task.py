@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from dpjax.config import ConfigError, RunConfig
+from dpjax.lm_task import LMSetup, build_lm_fields, is_language_task
 from dpjax.models import check_no_batch_mixing, get_model
 from dpjax.train import cross_entropy_loss
 
@@ -137,6 +138,7 @@ class Task:
     evaluate: Callable[..., dict[str, float]]
     num_classes: int
     apply_fn: Callable[..., jax.Array]
+    lm: LMSetup | None = None  # language models: the model, frozen leaves, corpus, source
 
 
 def training_pool(cfg: RunConfig, ds) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
@@ -153,6 +155,13 @@ def build_task(cfg: RunConfig) -> Task:
     The training split is the pool of :func:`training_pool` restricted to
     ``train.subset_fraction``'s public subset when that is set.
     """
+    if is_language_task(cfg):
+        if cfg.train.subset_fraction is not None:
+            raise ConfigError(
+                f"Expected train.subset_fraction={cfg.train.subset_fraction!r} to be null "
+                "with a text dataset (a subset of records is not implemented for language "
+                "models; use audit=exposure to measure their memorization).")
+        return Task(**build_lm_fields(cfg))
     ds = load_data(cfg)
     (x_train, y_train), holdout = training_pool(cfg, ds)
     x_train, y_train = take_subset(cfg, x_train, y_train)

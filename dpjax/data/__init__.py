@@ -4,7 +4,10 @@
 lists the names. Embedded: ``digits`` (scikit-learn's bundled 8x8 digits),
 ``mnist1d`` (generated with the ``mnist1d`` package, cached on disk),
 ``synthetic`` (a Gaussian mixture). From the user's files: ``mnist`` and
-``fashion_mnist`` (IDX), ``cifar10`` (python batches), ``npz``.
+``fashion_mnist`` (IDX), ``cifar10`` (python batches), ``npz``. Text corpora
+for language models (:data:`TEXT_DATASETS`, :mod:`dpjax.data.text`):
+``pydoc_text`` (public), ``private_text`` (synthetic private records), ``text``
+(the user's files, one record per line).
 Normalization statistics come from the training split only.
 """
 
@@ -21,11 +24,19 @@ from dpjax.data.normalize import (
     standardize,
 )
 from dpjax.data.npz import load_npz
-from dpjax.data.registry import DATASETS, load_dataset, loader_options
+from dpjax.data.registry import (
+    DATASETS,
+    PUBLIC_TEXT_DATASETS,
+    TEXT_DATASETS,
+    load_dataset,
+    loader_options,
+)
 
 __all__ = [
     "DATASETS",
     "NORMALIZATIONS",
+    "PUBLIC_TEXT_DATASETS",
+    "TEXT_DATASETS",
     "Dataset",
     "channel_stats",
     "check_scheme",

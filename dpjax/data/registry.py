@@ -17,8 +17,9 @@ from dpjax.data.embedded import load_digits, load_synthetic
 from dpjax.data.idx import load_fashion_mnist, load_mnist
 from dpjax.data.mnist1d import load_mnist1d
 from dpjax.data.npz import load_npz
+from dpjax.data.text import TextDataset, load_private_text, load_pydoc_text, load_text
 
-_LOADERS: dict[str, Callable[..., Dataset]] = {
+_LOADERS: dict[str, Callable[..., Dataset | TextDataset]] = {
     "digits": load_digits,
     "mnist1d": load_mnist1d,
     "synthetic": load_synthetic,
@@ -26,18 +27,27 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
     "npz": load_npz,
+    "pydoc_text": load_pydoc_text,
+    "private_text": load_private_text,
+    "text": load_text,
 }
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 """The names :func:`load_dataset` accepts."""
+TEXT_DATASETS: tuple[str, ...] = ("pydoc_text", "private_text", "text")
+"""The text corpora (a :class:`~dpjax.data.text.TextDataset` each, for language models)."""
+PUBLIC_TEXT_DATASETS: tuple[str, ...] = ("pydoc_text",)
+"""Text corpora that are public: training on them needs no privacy (pre-training)."""
 
 
-def load_dataset(name: str, **options: Any) -> Dataset:
+def load_dataset(name: str, **options: Any) -> Dataset | TextDataset:
     """Load the dataset registered as ``name`` with the loader's ``options``.
 
     Embedded datasets (``digits``, ``mnist1d``, ``synthetic``) need no files;
     ``mnist``, ``fashion_mnist`` and ``cifar10`` need ``data_dir`` and ``npz``
-    needs ``path``. Nothing is ever downloaded.
+    needs ``path``. The text corpora (:data:`TEXT_DATASETS`) return a
+    :class:`~dpjax.data.text.TextDataset`: ``pydoc_text`` and ``private_text``
+    are generated locally, ``text`` needs ``path``. Nothing is ever downloaded.
 
     Raises:
       ValueError: ``name`` is not one of :data:`DATASETS`, an option is not one

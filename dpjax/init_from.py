@@ -1,0 +1,194 @@
+"""Starting a language model from an earlier run's parameters (``model.init_from``).
+
+    params, meta = the source's latest checkpoint        params only: its secret, optimizer
+                                                         state and step count are dropped
+    full         = those params over the source's own    a LoRA / last-layer source saved
+                   start (rebuilt from its config)       only its trainable leaves
+    base         = full with LoRA adapters folded in     W + (alpha / r) A @ B: the same function
+    start        = overlay(fresh init, base)             every non-adapter leaf from the source;
+                                                         this run's adapters start fresh (B = 0)
+
+The new run's noise and batches come from its own fresh secret. What the source
+was trained on, and whether with DP, is read from its checkpoint's fingerprint
+(:class:`Source`) and checked against the new run (:func:`check_source`): a DP run
+may not start from parameters trained on its own private records -- non-privately,
+they would carry those records unprotected past the mechanism; with DP, the epsilon
+this run reports would count only its own steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+import dpjax.accounting as accounting
+import dpjax.checkpoint as checkpoint
+from dpjax.config import ConfigError
+from dpjax.models.lora import ADAPTER_NAMES, is_adapter
+from dpjax.models.transformer import DecoderLM
+
+PyTree = Any
+MAX_DEPTH = 8
+"""Longest chain of ``init_from`` sources followed (a source that starts from a source...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """An earlier run whose parameters start this one, and what it was trained on.
+
+    ``params`` are the source model's full parameters with any LoRA adapters folded
+    into their kernels; ``dataset`` / ``dataset_options`` / ``dp_enabled`` /
+    ``epsilon`` (at ``delta``, with its own accountant; None without DP) come from
+    its checkpoint; ``steps`` is the step the checkpoint was written at.
+    """
+
+    path: str
+    params: PyTree
+    dataset: str
+    dataset_options: dict[str, Any]
+    dp_enabled: bool
+    epsilon: float | None
+    delta: float | None
+    steps: int
+
+
+def checkpoint_dir(path: str) -> Path:
+    """The checkpoints directory of ``path``: a run's output directory or that directory."""
+    root = Path(path).expanduser()
+    return root / checkpoint.CHECKPOINT_DIR if (root / checkpoint.CHECKPOINT_DIR).is_dir() \
+        else root
+
+
+def read_source(path: str, *, rebuild: Callable[[dict[str, Any], int], PyTree],
+                depth: int = 0) -> Source:
+    """The parameters and the training record of the run that wrote ``path``.
+
+    ``rebuild(fingerprint, depth)`` returns the starting parameters of a run with
+    that checkpoint fingerprint (its fresh init, or its own source's): a source that
+    trained only some leaves (LoRA, last layer) saved only those, and the rest is
+    what it started from.
+    """
+    if depth >= MAX_DEPTH:
+        raise ConfigError(f"Expected a chain of at most {MAX_DEPTH} model.init_from sources; "
+                          f"{path} is deeper (or the chain loops).")
+    try:
+        saved, meta, step = checkpoint.read_params(checkpoint_dir(path))
+    except checkpoint.CheckpointError as err:
+        raise ConfigError(f"Expected model.init_from={path!r} to be an earlier run's output "
+                          f"directory with a checkpoint: {err}") from err
+    fp = meta.get("fingerprint", {})
+    if fp.get("model.name") != "transformer":
+        raise ConfigError(f"Expected model.init_from={path!r} to hold a model=transformer run; "
+                          f"it holds model={fp.get('model.name')!r}.")
+    options = dict(fp.get("model.options") or {})
+    full = saved
+    if options.get("trainable", "full") != "full":
+        full = _overlay_saved(rebuild(fp, depth + 1), saved, path)
+    alpha = float(options.get("lora_alpha", DecoderLM.lora_alpha))
+    dp_enabled = bool(fp.get("dp.enabled", True))
+    epsilon = delta = None
+    if dp_enabled:
+        delta = float(fp["dp.delta"])
+        epsilon = accounting.Ledger.from_dict(meta["ledger"]).epsilon(
+            delta, fp.get("dp.accountant", "rdp"))
+    return Source(path=path, params=fold_adapters(full, alpha),
+                  dataset=str(fp.get("dataset.name")),
+                  dataset_options=dict(fp.get("dataset.options") or {}),
+                  dp_enabled=dp_enabled, epsilon=epsilon, delta=delta, steps=step)
+
+
+def _overlay_saved(start: PyTree, saved: PyTree, path: str) -> PyTree:
+    """The source's start with the leaves its checkpoint holds put back."""
+    flat_start, flat_saved = traverse_util.flatten_dict(start), traverse_util.flatten_dict(saved)
+    for key, value in flat_saved.items():
+        if key not in flat_start or np.shape(flat_start[key]) != np.shape(value):
+            raise ConfigError(f"Expected the checkpoint of model.init_from={path!r} to match the "
+                              f"model its config builds; it differs at {'/'.join(key)}.")
+    return traverse_util.unflatten_dict({**flat_start, **flat_saved})
+
+
+def fold_adapters(params: PyTree, lora_alpha: float) -> PyTree:
+    """``params`` without adapters: each ``kernel`` becomes ``kernel + (alpha / r) A @ B``.
+
+    The folded model computes the same function as the adapted one
+    (:class:`~dpjax.models.lora.LoRADense`), up to float rounding.
+    """
+    flat = traverse_util.flatten_dict(params)
+    out = {k: v for k, v in flat.items() if not is_adapter(k)}
+    for key in flat:
+        if key[-1] != ADAPTER_NAMES[0]:
+            continue
+        layer = key[:-1]
+        a, b = np.asarray(flat[key], np.float64), np.asarray(flat[layer + (ADAPTER_NAMES[1],)],
+                                                              np.float64)
+        kernel = np.asarray(flat[layer + ("kernel",)])
+        out[layer + ("kernel",)] = (kernel + lora_alpha / a.shape[1] * (a @ b)).astype(
+            kernel.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def overlay(start: PyTree, base: PyTree, path: str) -> PyTree:
+    """``start`` (a fresh init) with every leaf taken from ``base`` but this run's adapters.
+
+    Every non-adapter leaf of ``start`` must be in ``base`` with the same shape, and
+    ``base`` may hold nothing else: the two models must have the same architecture
+    apart from the adapters.
+    """
+    flat_start, flat_base = traverse_util.flatten_dict(start), traverse_util.flatten_dict(base)
+    missing = [k for k in flat_start if not is_adapter(k) and k not in flat_base]
+    extra = [k for k in flat_base if k not in flat_start]
+    shapes = [k for k in flat_start if k in flat_base
+              and np.shape(flat_start[k]) != np.shape(flat_base[k])]
+    for what, keys in (("lacks", missing), ("has parameters this model does not have:", extra),
+                       ("has other shapes at", shapes)):
+        if keys:
+            raise ConfigError(
+                f"Expected model.init_from={path!r} to hold this model's architecture "
+                f"(model.options other than lora_rank/lora_alpha/trainable, and the context "
+                f"length); it {what} {', '.join('/'.join(k) for k in keys[:3])}.")
+    merged = {k: (np.asarray(flat_base[k]) if k in flat_base else v)
+              for k, v in flat_start.items()}
+    return traverse_util.unflatten_dict(merged)
+
+
+def same_records(name: str, options: Mapping[str, Any], other_name: str,
+                 other_options: Mapping[str, Any]) -> bool:
+    """Whether two private text datasets may share records: the same synthetic corpus
+    seed, or the same file/directory of the user's text. (Copies under another path
+    cannot be detected.)"""
+    if name != other_name:
+        return False
+    if name == "private_text":
+        return options.get("seed", 0) == other_options.get("seed", 0)
+    if name == "text":
+        def resolved(o):
+            return str(Path(str(o.get("path"))).expanduser().resolve())
+        return resolved(options) == resolved(other_options)
+    return True
+
+
+def check_source(source: Source, *, dataset: str, dataset_options: Mapping[str, Any],
+                 dp_enabled: bool, public_datasets: tuple[str, ...]) -> None:
+    """Refuses a DP run that starts from parameters trained on its own private records.
+
+    A source trained on a public corpus, or on other private records, is accepted
+    (the summary names its dataset and whether it used DP); so is any source for a
+    non-private run, which claims nothing.
+    """
+    if not dp_enabled or source.dataset in public_datasets:
+        return
+    if not same_records(source.dataset, source.dataset_options, dataset, dataset_options):
+        return
+    how = ("without DP: the parameters would carry those records past the mechanism, "
+           "unprotected" if not source.dp_enabled else
+           f"with DP (epsilon {source.epsilon:.3g}): this run's epsilon would count only its "
+           "own steps, not the source's on the same records")
+    raise ConfigError(
+        f"Expected model.init_from={source.path!r} not to be trained on this run's private "
+        f"dataset ({dataset} with the same records); it was trained on it {how}. Start from a "
+        "run on public data (e.g. experiment=lm_pretrain on pydoc_text).")

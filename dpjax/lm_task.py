@@ -1,0 +1,261 @@
+"""The language-model task: a text corpus, a decoder LM and the one partition of what trains.
+
+    data      = load_dataset(pydoc_text | private_text | text)   one record per row
+    model     = DecoderLM(model.options); context and vocabulary from the corpus
+    start     = init(train.seed), overlaid with model.init_from's parameters (dpjax.init_from)
+    trainable, frozen = split_params(start, trainable_mask(start, trainable))
+    task.params   = trainable      what the step differentiates, clips, noises and updates
+    task.loss_fn  = the per-record next-token loss of merge(trainable, frozen)
+    task.evaluate = bits per byte and next-token accuracy of the merged model
+
+One declared mask (``model.options.trainable``: ``full``, ``lora``, ``last_layer``;
+:func:`dpjax.models.transformer.trainable_mask`) decides both what is clipped and
+what gets noise: the task's parameters ARE the trainable leaves, the frozen ones
+are closed over by the loss, so the mechanism's parameter count (the noise's
+dimension) is the trainable size. A batch is ``(tokens, lengths)``: ``x_train``
+holds the token rows, ``y_train`` their lengths, gathered by the same row indices
+as a classifier's ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dpjax.init_from as init_from
+from dpjax.config import ConfigError, RunConfig
+from dpjax.data.canaries import CanarySet, make_canaries
+from dpjax.data.registry import PUBLIC_TEXT_DATASETS, TEXT_DATASETS, load_dataset
+from dpjax.data.text import VOCAB_SIZE, TextDataset, load_pydoc_text
+from dpjax.models import LANGUAGE_MODELS, check_no_batch_mixing, get_model
+from dpjax.models.lm_eval import make_lm_evaluator
+from dpjax.models.lora import merge_params, num_params, split_params, trainable_loss
+from dpjax.models.transformer import REDUCTIONS, TRAINABLE, DecoderLM, lm_loss, trainable_mask
+
+PyTree = Any
+TASK_OPTIONS = {"trainable": "full", "loss_reduction": "mean"}
+"""``model.options`` of a language model that are not :class:`DecoderLM` fields."""
+CANARIES_OPTION = "canaries"
+"""``dataset.options.canaries``: keyword arguments of :func:`make_canaries`."""
+_DEFAULT_CONTEXT = inspect.signature(load_pydoc_text).parameters["context_length"].default
+
+
+def is_language_task(cfg: RunConfig) -> bool:
+    """Whether ``cfg`` asks for a language model, a text corpus or ``model.init_from``."""
+    return (cfg.model.name in LANGUAGE_MODELS or cfg.dataset.name in TEXT_DATASETS
+            or cfg.model.init_from is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSettings:
+    """A language model and its training choices, from ``model.options``."""
+
+    model: DecoderLM
+    trainable: str
+    loss_reduction: str
+
+
+def context_length(dataset_options: dict[str, Any]) -> int:
+    """The corpus's context length (``dataset.options.context_length``, default 128)."""
+    return dataset_options.get("context_length", _DEFAULT_CONTEXT)
+
+
+def lm_settings(model_options: dict[str, Any], dataset_options: dict[str, Any]) -> LMSettings:
+    """The :class:`DecoderLM` of ``model.options`` (its fields, minus ``trainable`` and
+    ``loss_reduction``), with the corpus's context length and the byte vocabulary.
+
+    The row width is the corpus's, so ``model.options.context_length`` may only
+    repeat ``dataset.options.context_length``.
+    """
+    fields = {k: v for k, v in model_options.items() if k not in TASK_OPTIONS}
+    task = {k: model_options.get(k, v) for k, v in TASK_OPTIONS.items()}
+    if task["trainable"] not in TRAINABLE:
+        raise ConfigError(f"Expected model.options.trainable={task['trainable']!r} to be one "
+                          f"of {list(TRAINABLE)}.")
+    if task["loss_reduction"] not in REDUCTIONS:
+        raise ConfigError(f"Expected model.options.loss_reduction={task['loss_reduction']!r} "
+                          f"to be one of {list(REDUCTIONS)}.")
+    context = context_length(dataset_options)
+    if fields.pop("context_length", context) != context:
+        raise ConfigError(f"Expected model.options.context_length="
+                          f"{model_options['context_length']!r} to equal "
+                          f"dataset.options.context_length={context} (the row width) or to "
+                          "be unset.")
+    if fields.pop("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:
+        raise ConfigError(f"Expected model.options.vocab_size={model_options['vocab_size']!r} "
+                          f"to be {VOCAB_SIZE} (bytes, BOS, EOS, PAD) or unset.")
+    if task["trainable"] == "lora" and not fields.get("lora_rank", 0):
+        raise ConfigError(f"Expected model.options.lora_rank={fields.get('lora_rank', 0)!r} to "
+                          "be > 0 with model.options.trainable='lora' (the adapters' rank).")
+    try:
+        model = get_model("transformer", VOCAB_SIZE, context_length=context, **fields)
+    except ValueError as err:
+        raise ConfigError(f"Expected valid model.options for model=transformer: {err}") from err
+    return LMSettings(model, task["trainable"], task["loss_reduction"])
+
+
+def load_source(path: str, depth: int = 0) -> init_from.Source:
+    """The run that wrote ``path`` (``model.init_from``): its parameters and training record."""
+    return init_from.read_source(path, rebuild=_rebuild, depth=depth)
+
+
+def start_params(settings: LMSettings, seed: int,
+                 source: init_from.Source | None = None) -> PyTree:
+    """The model's parameters before training: ``init(PRNGKey(seed))``, with every
+    non-adapter leaf replaced by ``source``'s (if given)."""
+    model = settings.model
+    dummy = jnp.zeros((1, model.context_length), jnp.int32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), dummy)["params"]
+    if source is None:
+        return params
+    return init_from.overlay(params, source.params, source.path)
+
+
+def _rebuild(fingerprint: dict[str, Any], depth: int) -> PyTree:
+    """The starting parameters of the run whose checkpoint has ``fingerprint``."""
+    settings = lm_settings(dict(fingerprint.get("model.options") or {}),
+                           dict(fingerprint.get("dataset.options") or {}))
+    path = fingerprint.get("model.init_from")
+    source = None if path is None else load_source(path, depth)
+    return start_params(settings, int(fingerprint.get("train.seed", 0)), source)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSetup:
+    """What a language-model task holds besides the :class:`~dpjax.task.Task` fields: the
+    model, the frozen leaves, the corpus's public description and the source run."""
+
+    settings: LMSettings
+    frozen: PyTree
+    num_trainable_params: int
+    corpus: TextDataset
+    source: init_from.Source | None
+    canaries: CanarySet | None
+
+    @property
+    def model(self) -> DecoderLM:
+        return self.settings.model
+
+    def full_params(self, params: PyTree) -> PyTree:
+        """The whole model's parameters from the task's (trainable) ``params``."""
+        return merge_params(params, self.frozen)
+
+
+def _dataset_options(cfg: RunConfig) -> tuple[dict[str, Any], CanarySet | None]:
+    options = dict(cfg.dataset.options)
+    canaries = None
+    if CANARIES_OPTION in options:
+        spec = dict(options.pop(CANARIES_OPTION) or {})
+        try:
+            canaries = make_canaries(**spec)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"Expected dataset.options.canaries={spec!r} to be keyword "
+                              f"arguments of dpjax.data.canaries.make_canaries: {err}") from err
+        options[CANARIES_OPTION] = canaries
+    if cfg.dataset.data_dir is not None:
+        raise ConfigError(f"Expected dataset.data_dir=null for dataset={cfg.dataset.name!r} "
+                          "(the user's text is dataset.options.path).")
+    return options, canaries
+
+
+def _check_kinds(cfg: RunConfig) -> None:
+    if cfg.model.name not in LANGUAGE_MODELS:
+        what = ("model.init_from", cfg.model.init_from) if cfg.model.init_from is not None \
+            else ("dataset.name", cfg.dataset.name)
+        raise ConfigError(f"Expected model.name={cfg.model.name!r} to be one of "
+                          f"{list(LANGUAGE_MODELS)} with {what[0]}={what[1]!r} (text corpora "
+                          "and init_from are for language models).")
+    if cfg.dataset.name not in TEXT_DATASETS:
+        raise ConfigError(f"Expected dataset.name={cfg.dataset.name!r} to be one of "
+                          f"{list(TEXT_DATASETS)} with model.name={cfg.model.name!r}.")
+
+
+def build_lm_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The fields of the :class:`~dpjax.task.Task` of a language-model config.
+
+    Checks the config first (model and dataset kinds, options, the init_from source);
+    refuses a DP run whose ``model.init_from`` was trained on its own private records.
+    """
+    _check_kinds(cfg)
+    options, canaries = _dataset_options(cfg)
+    settings = lm_settings(dict(cfg.model.options), options)
+    source = None
+    if cfg.model.init_from is not None:
+        source = load_source(cfg.model.init_from)
+        public_options = {k: v for k, v in options.items() if k != CANARIES_OPTION}
+        init_from.check_source(source, dataset=cfg.dataset.name,
+                               dataset_options=public_options, dp_enabled=cfg.dp.enabled,
+                               public_datasets=PUBLIC_TEXT_DATASETS)
+    corpus: TextDataset = load_dataset(cfg.dataset.name, **options)
+    if corpus.num_test == 0:
+        raise ConfigError(f"Expected a non-empty test split in dataset={cfg.dataset.name!r} "
+                          "(test.txt): test_bits_per_byte is measured on it.")
+    holdout = (corpus.test_tokens, corpus.test_lengths)
+    if cfg.train.eval_split == "validation":
+        if corpus.num_validation == 0:
+            raise ConfigError("Expected a non-empty validation split with "
+                              "train.eval_split='validation'.")
+        holdout = (corpus.validation_tokens, corpus.validation_lengths)
+    params = start_params(settings, cfg.train.seed, source)
+    model = settings.model
+    check_no_batch_mixing(model, jnp.asarray(corpus.train_tokens[:2, :model.context_length]))
+    trainable, frozen = split_params(params, trainable_mask(params, settings.trainable))
+    loss = lm_loss(model.apply, context_length=model.context_length,
+                   reduction=settings.loss_reduction)
+    setup = LMSetup(settings, frozen, num_params(trainable), corpus, source, canaries)
+    largest = max(len(holdout[0]), corpus.num_test)
+    return dict(
+        x_train=corpus.train_tokens, y_train=corpus.train_lengths, holdout=holdout,
+        test_split=(corpus.test_tokens, corpus.test_lengths),
+        loss_fn=loss if settings.trainable == "full" else trainable_loss(loss, frozen),
+        params=trainable,
+        evaluate=_evaluator(setup, min(cfg.train.eval_batch_size, largest)),
+        num_classes=VOCAB_SIZE, apply_fn=_apply(setup), lm=setup)
+
+
+def _evaluator(setup: LMSetup, batch_size: int) -> Callable[..., dict[str, float]]:
+    """``evaluate(params, tokens, lengths)``: ``accuracy`` (next-token), ``loss`` (nats per
+    predicted token) and ``bits_per_byte`` of the merged model."""
+    model = setup.model
+    evaluate = make_lm_evaluator(model.apply, context_length=model.context_length,
+                                 batch_size=batch_size)
+
+    def run(params: PyTree, tokens: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
+        m = evaluate(setup.full_params(params), tokens, lengths)
+        return {"accuracy": m["accuracy"], "loss": m["nll"], "bits_per_byte": m["bits_per_byte"]}
+
+    return run
+
+
+def _apply(setup: LMSetup) -> Callable[..., jax.Array]:
+    """``apply_fn({"params": trainable}, tokens) -> logits`` of the merged model."""
+
+    def apply_fn(variables, tokens):
+        return setup.model.apply({"params": setup.full_params(variables["params"])}, tokens)
+
+    return apply_fn
+
+
+def summary_fields(setup: LMSetup | None) -> dict[str, Any]:
+    """The language-model fields of ``summary.json`` (classified in :mod:`dpjax.outputs`);
+    none for other tasks."""
+    if setup is None:
+        return {}
+    corpus, source = setup.corpus, setup.source
+    return {
+        "corpus_hash": corpus.corpus_hash if corpus.hash_is_public else None,
+        "generator_version": corpus.generator_version,
+        "context_length": corpus.context_length,
+        "trainable": setup.settings.trainable,
+        "num_trainable_params": setup.num_trainable_params,
+        "init_from": None if source is None else source.path,
+        "init_from_dataset": None if source is None else source.dataset,
+        "init_from_dp_enabled": None if source is None else source.dp_enabled,
+        "init_from_epsilon": None if source is None else source.epsilon,
+    }
