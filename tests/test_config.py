@@ -37,6 +37,8 @@ def test_every_option_of_every_group_composes_into_a_valid_run_config(group):
         if cfg.dataset.name == "npz":
             cfg.dataset.options.path = "/data/x.npz"
             cfg.dataset.options.num_classes = 10
+        if cfg.dataset.name == "text":
+            cfg.dataset.options.path = "/data/records.txt"
         run = OmegaConf.to_object(cfg)
         assert isinstance(run, RunConfig)
         validate(run, datasets=DATASETS, models=MODELS)

@@ -2,6 +2,7 @@
 the whole audit on digits (non-private: a clear advantage; DP at epsilon <= 3: none)."""
 
 import json
+import sys
 from pathlib import Path
 
 import mpmath
@@ -161,7 +162,7 @@ def test_subset_seeds_are_distinct_and_reproducible():
     ("train.subset_fraction=0.5", "train.subset_fraction=0.5"),
     ("audit.delta=1e-6", "audit.delta=1e-06"),
     ("audit.launcher='a b'", "audit.launcher='a b'"),
-    ("audit.launcher_overrides=[train.steps=3]", "audit.launcher_overrides='train.steps=3'"),
+    ("audit.launcher_overrides=['train.steps=3']", "audit.launcher_overrides='train.steps=3'"),
 ])
 def test_a_bad_mia_setting_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -170,14 +171,16 @@ def test_a_bad_mia_setting_names_the_key(override, message):
 
 def test_the_models_multirun_trains_the_audited_config_on_each_seed(tmp_path):
     cfg = _audit_config("dataset=digits", "model=mlp", "train.steps=7", "dp.l2_clip_norm=0.5",
-                        "audit.launcher=local", "audit.launcher_overrides=[hydra.launcher.n_jobs=4]")
+                        "audit.launcher=local", "audit.launcher_overrides=['hydra.launcher.n_jobs=4']")
     config = mia.models_config(cfg, tmp_path)
     assert config["defaults"] == ["run_schema", "_self_"] and "audit" not in config
     assert config["train"]["steps"] == 7 and config["dp"]["l2_clip_norm"] == 0.5
     assert config["hydra"]["sweep"]["dir"] == str(tmp_path)
     cmd = mia.models_command(tmp_path, [5, 9], cfg.audit.launcher,
                              cfg.audit.launcher_overrides)
-    assert cmd[cmd.index("-m") + 1:] == [
+    multirun = len(cmd) - cmd[::-1].index("-m")  # after the last -m (the first is python -m)
+    assert cmd[:3] == [sys.executable, "-m", "dpjax.cli"]
+    assert cmd[multirun:] == [
         "train.subset_fraction=0.5", "train.subset_seed=5,9", "hydra/launcher=local",
         "hydra.launcher.n_jobs=4"]
 
