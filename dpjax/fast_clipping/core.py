@@ -1,19 +1,20 @@
-"""The fast clipped sum: ghost norms for the factors, book-keeping for the sum.
+"""The fast clipped sum of one chunk, and the ``make_chunk`` entry point.
 
-One forward and one backward pass of the loss (differentiated with respect to
-the layers' outputs, not their weights) give every planned layer's inputs ``A``
-and output gradients ``G``. From them:
+One forward pass evaluates the loss's program
+(:func:`~dpjax.fast_clipping.program.run`) with a zero perturbation ``Z`` added
+to the output of every planned use; one backward pass of ``sum_i loss_i`` with
+respect to the perturbations gives each use's output gradient ``G``, whose row
+``i`` is example ``i``'s own (the plan proved the loss per-example). From the
+captured operands and ``G``:
 
-1. per-example squared norms of each leaf (:mod:`~dpjax.fast_clipping.rules`);
-2. the factors ``f_i = mask_i * min(1, C / ||g_i||)`` per clipping group, 0 on
-   rows whose norm is not finite;
-3. each leaf's clipped sum ``sum_i f_i g_i`` by book-keeping, e.g.
-   ``A^T diag(f) G`` for a Dense kernel, which costs what its ordinary weight
-   gradient costs.
+1. per-example squared norms of every leaf (:mod:`~dpjax.fast_clipping.norms`);
+2. factors ``f_i = mask_i * min(1, C / ||g_i||)`` per clipping group, 0 on rows
+   whose norm is not finite (:func:`dpjax.clip_math.group_factors`);
+3. each leaf's clipped sum ``sum_i f_i g_i``: book-keeping for fast leaves, a
+   weighted sum of per-example gradients for the others.
 
-Leaves that no layer rule reaches get their per-example gradients from
-``jax.vmap`` over the whole loss, restricted to those leaves. No second
-backward pass is ever needed: book-keeping covers every planned layer.
+Leaves the plan sends to vmap get their per-example gradients from
+``jax.vmap`` over the whole loss, restricted to those leaves.
 """
 
 from __future__ import annotations
@@ -34,21 +35,152 @@ from dpjax.clip_math import (
     sq_norms,
     weigh_rows,
 )
-from dpjax.fast_clipping import rules
-from dpjax.fast_clipping.capture import Plan, capture, discover
+from dpjax.fast_clipping import layouts, norms
+from dpjax.fast_clipping import program as prog
+from dpjax.fast_clipping.batch_axes import Rows
+from dpjax.fast_clipping.plan import (
+    FAST,
+    MATERIALIZED,
+    UNUSED,
+    VMAP,
+    LeafPlan,
+    Plan,
+    Use,
+    chain_values,
+    discover,
+)
 
 PyTree = Any
+ChunkFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]]
 METHODS = ("fast", "auto")
-WHOLE_MODEL_VMAP = "whole-model vmap"
 logger = logging.getLogger("dpjax.fast_clipping")
 
 
-def _leaf_names(params: PyTree) -> list[str]:
-    paths, _ = jax.tree_util.tree_flatten_with_path(params)
-    return [jax.tree_util.keystr(p) for p, _ in paths]
+def capture(plan: Plan, leaves: list[jax.Array], batch_leaves: list[jax.Array]):
+    """Runs the loss once: ``{op index: operand values}`` and ``{op index: output gradient}``."""
+    program = plan.program
+    taps = plan.taps
+    zeros = {op.index: jnp.zeros(program.shape(op.outs[0]), program.aval(op.outs[0]).dtype)
+             for op in taps}
+
+    def forward(perturbations):
+        seen = {}
+
+        def hook(op, invals):
+            if op.index not in perturbations:
+                return None
+            outs = prog.bind(op.eqn, invals)
+            seen[op.index] = invals
+            return [outs[0] + perturbations[op.index], *outs[1:]]
+
+        (losses,) = prog.run(program, [*leaves, *batch_leaves], hook)
+        return losses, seen
+
+    losses, vjp_fn, seen = jax.vjp(forward, zeros, has_aux=True)
+    (grads,) = vjp_fn(jnp.ones_like(losses))
+    return seen, grads
 
 
-def _leftover_grads(loss_fn, params, batch, indices: tuple[int, ...]) -> list[jax.Array]:
+def _state(plan: Plan, atom) -> Any:
+    return plan.states[atom] if isinstance(atom, int) else None
+
+
+def _normal_form(use: Use, plan: Plan, seen, grads):
+    op, b = use.op, plan.batch_size
+    vals, g = seen[op.index], grads[op.index]
+    lay = use.layout
+    if lay.kind == "embed":
+        return lay.operands(vals[1], g, b)
+    x_pos = 0 if lay.kind == "conv" else 1 - lay.p_pos
+    return lay.operands(vals[x_pos], g, b)
+
+
+def _fast_terms(lp: LeafPlan, plan: Plan, seen, grads, leaf: jax.Array):
+    """Norms and book-keeping of a leaf whose uses all share one normal form."""
+    forms = [_normal_form(u, plan, seen, grads) for u in lp.uses]
+    first = lp.uses[0]
+    if first.layout.kind == "embed":
+        ids = jnp.concatenate([f[0] for f in forms], axis=1)
+        valid = jnp.concatenate([f[1] for f in forms], axis=1)
+        g = jnp.concatenate([f[2] for f in forms], axis=1)
+        terms = norms.embed_terms(ids, valid, g, first.layout.vocab)
+    else:
+        a = jnp.concatenate([f[0] for f in forms], axis=2)
+        g = jnp.concatenate([f[1] for f in forms], axis=2)
+        terms = norms.linear_terms(a, g)
+
+    def to_leaf(normal):
+        _, vjp_fn = jax.vjp(lambda w: first.layout.normalize(chain_values(first.chain, w)), leaf)
+        (out,) = vjp_fn(normal.astype(leaf.dtype))
+        return out
+
+    return terms, to_leaf
+
+
+def _expose_rows(x: jax.Array, s: Rows, b: int) -> jax.Array:
+    """``[B, ...]``: example ``i``'s rows of ``x``, the batch axis kept with size outer * inner."""
+    y = layouts.expose(x, s, b)  # [B, *pre, outer, inner, *post]
+    return y.reshape((b,) + x.shape[: s.axis] + (s.outer * s.inner,) + x.shape[s.axis + 1 :])
+
+
+def per_example_target_grads(use: Use, plan: Plan, seen, grads, leaves) -> jax.Array:
+    """``[B, *target.shape]``: each example's gradient of the use's target, by a row-wise VJP."""
+    program, op, b = plan.program, use.op, plan.batch_size
+    vals = list(seen[op.index])
+    rows = [k for k, a in enumerate(op.ins) if isinstance(_state(plan, a), Rows)]
+    out_state = plan.states[op.outs[0]]
+    x_rows = [_expose_rows(vals[k], plan.states[op.ins[k]], b) for k in rows]
+    g_rows = _expose_rows(grads[op.index], out_state, b)
+    if use.peel is None:
+        target = vals[use.pos]
+    else:
+        known = {program.inputs[i]: leaves[i] for i in use.leaves}
+        target = prog.evaluate(program, [use.target], known)[0]
+        dims = use.peel.params["broadcast_dimensions"]
+        shape = list(program.shape(op.ins[use.pos]))
+        shape[out_state.axis] = out_state.outer * out_state.inner
+
+    def one(xs, g):
+        def f(t):
+            full = list(vals)
+            for k, v in zip(rows, xs, strict=True):
+                full[k] = v
+            full[use.pos] = t if use.peel is None else jax.lax.broadcast_in_dim(t, shape, dims)
+            return prog.bind(op.eqn, full)[0]
+
+        _, vjp_fn = jax.vjp(f, target)
+        return vjp_fn(g.astype(program.aval(op.outs[0]).dtype))[0]
+
+    return jax.vmap(one)(x_rows, g_rows)
+
+
+def _materialized_grads(plan: Plan, seen, grads, leaves, wanted: set[int]) -> dict[int, jax.Array]:
+    """Per-example gradients ``[B, *leaf.shape]`` of the wanted leaves, summed over their uses."""
+    out: dict[int, jax.Array] = {}
+    done = set()
+    for lp in plan.leaves:
+        if lp.index not in wanted:
+            continue
+        for use in lp.uses:
+            if id(use) in done:
+                continue
+            done.add(id(use))
+            ids = sorted(i for i in use.leaves if i in wanted)
+            per_target = per_example_target_grads(use, plan, seen, grads, leaves)
+            known_inputs = [plan.program.inputs[i] for i in ids]
+
+            def phi(*values, use=use, known_inputs=known_inputs):
+                return prog.evaluate(plan.program, [use.target],
+                                     dict(zip(known_inputs, values, strict=True)))[0]
+
+            _, vjp_fn = jax.vjp(phi, *[leaves[i] for i in ids])
+            contributions = jax.vmap(vjp_fn)(per_target)
+            for i, c in zip(ids, contributions, strict=True):
+                out[i] = c if i not in out else out[i] + c
+    return out
+
+
+def _leftover_grads(loss_fn, params, batch, indices: list[int]) -> list[jax.Array]:
     """Per-example gradients [B, ...] of the given leaves only, by vmap over the whole loss."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
@@ -68,76 +200,75 @@ def fast_clip_and_sum(
     batch: PyTree,
     mask: jax.Array,
     l2_clip_norm: float | PyTree,
-) -> tuple[PyTree, jax.Array, list[tuple[str, str]]]:
+) -> tuple[PyTree, jax.Array, dict[str, str]]:
     """``(clipped_sum, per_example_norms, branches)`` of one chunk along ``plan``.
 
     The same numbers as :func:`dpjax.clipping.clip_and_sum` of the per-example
     gradients: each row's contribution (per group) has L2 norm at most its
-    bound; masked and non-finite rows contribute exactly 0.
+    bound (up to the relative ``norms.RHO`` of ghost norms, see
+    :mod:`~dpjax.fast_clipping.norms`); masked and non-finite rows contribute
+    exactly 0. ``branches`` says how each leaf was computed.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    _, captured = capture(loss_fn, plan, params, batch)
+    batch_leaves = jax.tree_util.tree_leaves(batch)
+    b = plan.batch_size
+    seen, grads = capture(plan, leaves, batch_leaves) if plan.taps else ({}, {})
     leaf_sq: dict[int, jax.Array] = {}
-    weighers = []
-    branches = []
-    for layer in plan.layers:
-        t = rules.terms(layer, captured, leaves)
-        leaf_sq.update({layer.leaves[n]: sq for n, sq in t.sq_norms.items()})
-        weighers.append((layer, t.weighted_sum))
-        how = rules.kind(layer)
-        branches.append((layer.name, how if how == t.branch else f"{how}: {t.branch}"))
-    leftover = {}
-    if plan.leftover:
-        grads = _leftover_grads(loss_fn, params, batch, plan.leftover)
-        leftover = dict(zip(plan.leftover, grads, strict=True))
-        leaf_sq.update({i: sq_norms(g) for i, g in leftover.items()})
-        names = _leaf_names(params)
-        branches += [(names[i], WHOLE_MODEL_VMAP) for i in plan.leftover]
+    weighers: dict[int, Callable[[jax.Array, jax.Array], jax.Array]] = {}
+    branches: dict[str, str] = {}
+    for lp in plan.of(FAST):
+        terms, to_leaf = _fast_terms(lp, plan, seen, grads, leaves[lp.index])
+        leaf_sq[lp.index] = terms.sq
+        weighers[lp.index] = lambda f, ok, t=terms, tl=to_leaf: tl(t.weighted_sum(f, ok))
+        branches[lp.name] = f"{lp.kind}: {terms.branch}"
+    materialized = {lp.index for lp in plan.of(MATERIALIZED)}
+    for i, per_example in _materialized_grads(plan, seen, grads, leaves, materialized).items():
+        leaf_sq[i] = sq_norms(per_example)
+        weighers[i] = lambda f, ok, g=per_example: weigh_rows(g, f, ok)
+        branches[plan.leaves[i].name] = f"materialized ({len(plan.leaves[i].uses)} uses)"
+    vmapped = [lp.index for lp in plan.of(VMAP)]
+    if vmapped:
+        for i, g in zip(vmapped, _leftover_grads(loss_fn, params, batch, vmapped), strict=True):
+            leaf_sq[i] = sq_norms(g)
+            weighers[i] = lambda f, ok, g=g: weigh_rows(g, f, ok)
+            branches[plan.leaves[i].name] = f"vmap: {plan.leaves[i].reason}"
+    for lp in plan.of(UNUSED):
+        leaf_sq[lp.index] = jnp.zeros((b,), jnp.float32)
+        weighers[lp.index] = lambda f, ok, shape=leaves[lp.index].shape: jnp.zeros(shape)
+        branches[lp.name] = "unused"
 
     index_tree = jax.tree_util.tree_unflatten(treedef, list(range(len(leaves))))
     bounds, groups = group_leaves(l2_clip_norm, index_tree)
-    group_members = [jax.tree_util.tree_leaves(g) for g in groups]
-    norms, row_ok, factors = group_factors(
-        [sum(leaf_sq[i] for i in members) for members in group_members], mask, bounds
-    )
-    leaf_factor = {i: f for members, f in zip(group_members, factors, strict=True)
-                   for i in members}
-    summed: list[jax.Array | None] = [None] * len(leaves)
-    for layer, weighted_sum in weighers:
-        factors_by_name = {n: leaf_factor[i] for n, i in layer.leaves.items()}
-        for n, value in weighted_sum(factors_by_name, row_ok).items():
-            summed[layer.leaves[n]] = value
-    for i, g in leftover.items():
-        summed[i] = weigh_rows(g, leaf_factor[i], row_ok)
-    summed = [s.astype(leaf.dtype) for s, leaf in zip(summed, leaves, strict=True)]
-    return jax.tree_util.tree_unflatten(treedef, summed), norms, branches
+    members = [jax.tree_util.tree_leaves(g) for g in groups]
+    group_sq = [sum((leaf_sq[i] for i in m), jnp.zeros((b,), jnp.float32)) for m in members]
+    per_example_norms, row_ok, factors = group_factors(group_sq, mask, bounds)
+    summed = [None] * len(leaves)
+    for m, factor in zip(members, factors, strict=True):
+        for i in m:
+            summed[i] = weighers[i](factor, row_ok).astype(leaves[i].dtype)
+    return jax.tree_util.tree_unflatten(treedef, summed), per_example_norms, branches
 
 
-def describe(loss_fn: LossFn, params: PyTree, batch: PyTree) -> list[tuple[str, str]]:
-    """How the fast path treats each layer: ``[(layer or leaf, "kind: branch")]``.
+def describe(loss_fn: LossFn, params: PyTree, batch: PyTree) -> dict[str, str]:
+    """How the fast path computes each parameter leaf: ``{leaf name: "kind: branch"}``.
 
-    Branches: ``outer`` (one position), ``ghost``, ``direct`` (this layer's
-    per-example gradients), ``per-layer vmap`` and ``whole-model vmap`` (the
-    fallbacks). Traces the loss; runs nothing.
+    Kinds: ``dense``, ``conv``, ``embed`` with branch ``outer`` / ``ghost`` /
+    ``direct``; ``materialized (n uses)``; ``vmap: <reason>``; ``unused``.
+    Traces the loss; runs nothing.
     """
-    found = []
+    found: dict[str, str] = {}
 
     def trace(params, batch):
         mask = jnp.ones(jax.tree_util.tree_leaves(batch)[0].shape[0])
         plan = discover(loss_fn, params, batch)
         _, _, branches = fast_clip_and_sum(loss_fn, plan, params, batch, mask, 1.0)
-        found.extend(branches)
+        found.update(branches)
 
     jax.eval_shape(trace, params, batch)
     return found
 
 
-def _fallbacks(branches: list[tuple[str, str]]) -> list[str]:
-    slow = (rules.PER_LAYER_VMAP, WHOLE_MODEL_VMAP)
-    return [f"{name} ({how})" for name, how in branches if how.endswith(slow)]
-
-
-def _make_logger() -> Callable[[int, str, str], None]:
+def _make_logger() -> Callable[..., None]:
     said: set[str] = set()
 
     def log_once(level: int, message: str, *args) -> None:
@@ -154,8 +285,8 @@ def make_chunk(
     *,
     l2_clip_norm: float | PyTree,
     method: str,
-    fallback: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]],
-) -> Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]]:
+    fallback: ChunkFn,
+) -> ChunkFn:
     """``chunk(params, batch, mask) -> (clipped_sum, per_example_norms)`` by the fast path.
 
     Reached through ``dpjax.clipped_grad(..., method="fast" | "auto")``, which
@@ -164,38 +295,43 @@ def make_chunk(
     (``fallback``): each row's contribution has L2 norm at most
     ``sensitivity(l2_clip_norm)``; masked and non-finite rows contribute 0.
 
-    ``method="fast"`` always takes this path, with per-layer fallbacks (logged);
-    ``method="auto"`` takes it when at least one layer has a fast rule and the
-    loss can be traced layer by layer, and ``fallback`` otherwise (logged).
+    Both methods plan the loss from its jaxpr (:func:`~dpjax.fast_clipping.plan.discover`):
+    leaves with a rule take the fast path, the others per-example vmap (logged
+    once, with the reason, at WARNING). A loss not proven to give one row per
+    example goes entirely to ``fallback``; a loss proven to *mix* examples is
+    refused with :class:`~dpjax.models.check.BatchMixingError` by both methods.
+    They differ only on an unexpected failure while planning: ``"fast"``
+    raises it, ``"auto"`` logs it and uses ``fallback``.
     """
     _validate.one_of("method", method, METHODS)
     log_once = _make_logger()
 
     def chunk(params, batch, mask):
+        b = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        if b == 1:  # one example: its gradient is the batch gradient, vmap costs nothing extra
+            return fallback(params, batch, mask)
         try:
             plan = discover(loss_fn, params, batch)
-            if method == "auto" and all(
-                rules.kind(x) == rules.PER_LAYER_VMAP for x in plan.layers
-            ):
-                log_once(logging.WARNING,
-                         "clipping method 'auto': vmap path (no layer has a fast rule)")
-                return fallback(params, batch, mask)
-            summed, norms, branches = fast_clip_and_sum(
-                loss_fn, plan, params, batch, mask, l2_clip_norm
-            )
-        except Exception as err:  # noqa: BLE001 (auto falls back on any tracing failure)
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001 (auto falls back on any planning failure)
             if method == "fast":
                 raise
-            log_once(logging.WARNING, "clipping method 'auto': vmap path (%s)", err)
+            log_once(logging.WARNING, "clipping method 'auto': vmap path (%s: %s)",
+                     type(err).__name__, err)
             return fallback(params, batch, mask)
-        fallbacks = _fallbacks(branches)
+        if plan.verdict:
+            log_once(logging.WARNING, "clipping method %r: vmap path (%s)", method, plan.verdict)
+            return fallback(params, batch, mask)
+        summed, norms_, _ = fast_clip_and_sum(loss_fn, plan, params, batch, mask, l2_clip_norm)
+        fallbacks = plan.fallbacks()
         log_once(
             logging.WARNING if fallbacks else logging.INFO,
-            "clipping method %r: fast path (ghost norms + book-keeping, no second backward pass); "
-            "fallbacks: %s",
+            "clipping method %r: fast path (ghost norms + book-keeping, no second backward "
+            "pass); per-example vmap for: %s",
             method,
-            ", ".join(fallbacks) or "none",
+            "; ".join(f"{name} ({why})" for name, why in fallbacks.items()) or "none",
         )
-        return summed, norms
+        return summed, norms_
 
     return chunk

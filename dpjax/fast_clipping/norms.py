@@ -1,0 +1,177 @@
+"""Per-example squared gradient norms and clipped sums from a layer's normal form.
+
+For ``g_i[n] = A_i[n]^T G_i[n]`` (:mod:`~dpjax.fast_clipping.layouts`) with ``T``
+positions, ``K`` inputs and ``F`` outputs per group:
+
+* ``T == 1`` ("outer"): ``||g_i||^2 = sum_n ||a_i[n]||^2 ||G_i[n]||^2``;
+* ``2 T^2 < K F`` ("ghost"): ``sum_n <A_i A_i^T, G_i G_i^T>``, plus the rounding
+  bound below where it matters;
+* otherwise ("direct"): the per-example gradients themselves, ``[B, N, K, F]``.
+
+The clipped sum ``sum_i f_i g_i`` is book-keeping, ``A^T diag(f) G`` (or the
+weighted sum of the direct gradients). Rows whose norm is not finite get
+``f_i = 0`` and are removed with ``where`` before the products, never by
+multiplying (``0 * NaN`` is ``NaN``).
+
+Rounding bound of the ghost norm
+--------------------------------
+The Gram form cancels: ``<AA^T, GG^T>`` adds ``T^2`` products whose size is
+about ``P = (sum_t ||a_t|| ||g_t||)^2`` to get ``||A^T G||_F^2``, which can be far
+smaller, so float rounding can report a norm near 0 for a large gradient.
+With ``u`` the unit roundoff (``2^-24`` in float32) and ``gamma_m = m u / (1 - m u)``
+(Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 3.1
+and eq. (3.4)-(3.5) for inner products), for any summation order
+
+    |fl(<AA^T, GG^T>) - ||A^T G||_F^2|  <=  c * P,
+    c = (1 + gamma_K)(1 + gamma_F)(1 + gamma_{N T^2}) - 1,
+
+because every Gram entry is within ``gamma_K |a_t|.|a_s| <= gamma_K ||a_t|| ||a_s||``
+of its exact value (Cauchy-Schwarz), likewise for ``G``, and the final sum of
+``N T^2`` products adds ``gamma_{N T^2}`` times their absolute sum. ``P`` is itself
+computed with relative error at most ``gamma_{K+F+T+4} <= 1/2``, so the bound
+used is ``eps = c (1 + 2 gamma_{K+F+T+4}) fl(P)``. The reported squared norm is
+
+    fl(ghost)               if eps <= 2 RHO fl(ghost)   (then it is >= (1 - RHO)^2 * exact)
+    max(fl(ghost), 0) + eps otherwise                     (>= exact: over-clipping is safe)
+
+so a row's reported norm is never below ``(1 - RHO)`` times its exact norm,
+``RHO = 1e-4``. Embedding ghost norms (``[id_t = id_s] <g_t, g_s>``) use the same
+bound with exact 0/1 Gram entries for the ids. The outer and direct forms add
+only non-negative terms (relative error ``gamma`` of a sum of squares, as on the
+vmap path) and are used as computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dpjax.clip_math import sq_norms, weigh_rows, zero_bad_rows
+
+RHO = 1e-4
+Weigher = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """Squared norms [B], the branch taken, and ``weighted_sum(factor, row_ok)``."""
+
+    sq: jax.Array
+    branch: str
+    weighted_sum: Weigher
+
+
+def use_ghost(positions: int, d_in: int, d_out: int) -> bool:
+    """The ghost norm when its [T, T] Gram matrices are smaller than a per-example gradient."""
+    return 2 * positions * positions < d_in * d_out
+
+
+def unit_roundoff(dtype) -> float:
+    return float(jnp.finfo(dtype).eps) / 2
+
+
+def gamma(m: int, u: float) -> float:
+    if m * u >= 0.5:
+        raise ValueError(f"Expected a sum of m={m} terms with m * u < 1/2 (u={u}).")
+    return m * u / (1 - m * u)
+
+
+def ghost_slack(k: int, f: int, terms: int, t: int, u: float) -> float:
+    """``c (1 + 2 gamma_{K+F+T+4})``: the ghost bound is this times ``fl(P)``."""
+    c = (1 + gamma(k, u)) * (1 + gamma(f, u)) * (1 + gamma(terms, u)) - 1
+    return c * (1 + 2 * gamma(k + f + t + 4, u))
+
+
+def certified(ghost: jax.Array, bound: jax.Array) -> jax.Array:
+    """The ghost value where its bound is negligible, else the value plus the bound."""
+    return jnp.where(bound <= 2 * RHO * ghost, ghost, jnp.maximum(ghost, 0) + bound)
+
+
+def _compute_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _row_factor(f: jax.Array, ndim: int, dtype) -> jax.Array:
+    return f.astype(dtype).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def linear_terms(a: jax.Array, g: jax.Array) -> Terms:
+    """Terms of ``g_i[n] = A_i[n]^T G_i[n]``, ``A [B, N, T, K]``, ``G [B, N, T, F]``."""
+    b, n, t, k = a.shape
+    f = g.shape[-1]
+    cd = _compute_dtype(a.dtype)
+    a32, g32 = a.astype(cd), g.astype(cd)
+    per_example = None
+    if t == 1:
+        branch = "outer"
+        sq = jnp.sum(jnp.sum(a32 * a32, axis=(2, 3)) * jnp.sum(g32 * g32, axis=(2, 3)), axis=1)
+    elif use_ghost(t, k, f):
+        branch = "ghost"
+        gram_a = jnp.einsum("bntk,bnsk->bnts", a32, a32)
+        gram_g = jnp.einsum("bntf,bnsf->bnts", g32, g32)
+        ghost = jnp.einsum("bnts,bnts->b", gram_a, gram_g)
+        norms_a = jnp.sqrt(jnp.sum(a32 * a32, axis=3))
+        norms_g = jnp.sqrt(jnp.sum(g32 * g32, axis=3))
+        p = jnp.sum(jnp.square(jnp.sum(norms_a * norms_g, axis=2)), axis=1)
+        slack = ghost_slack(k, f, n * t * t, t, unit_roundoff(cd))
+        sq = certified(ghost, slack * p)
+    else:
+        branch = "direct"
+        per_example = jnp.einsum("bntk,bntf->bnkf", a, g)
+        sq = sq_norms(per_example)
+
+    def weighted_sum(factor, row_ok):
+        if per_example is not None:
+            return weigh_rows(per_example, factor, row_ok)
+        az = zero_bad_rows(a, row_ok)
+        gz = jnp.where(_row_factor(row_ok, 4, bool), g * _row_factor(factor, 4, g.dtype), 0)
+        return jnp.einsum("bntk,bntf->nkf", az, gz)
+
+    return Terms(sq, branch, weighted_sum)
+
+
+def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> Terms:
+    """Terms of ``g_i = sum_t onehot(id_t) G_i[t]^T`` (rows with ``valid=False`` add nothing)."""
+    b, t, d = g.shape
+    cd = _compute_dtype(g.dtype)
+    g32 = jnp.where(valid[..., None], g.astype(cd), 0)
+    per_example = None
+    if t == 1:
+        branch = "outer"
+        sq = jnp.sum(g32 * g32, axis=(1, 2))
+    elif use_ghost(t, vocab, d):
+        branch = "ghost"
+        same = (ids[:, :, None] == ids[:, None, :]).astype(cd)
+        ghost = jnp.einsum("bts,bts->b", same, jnp.einsum("btd,bsd->bts", g32, g32))
+        norms = jnp.sqrt(jnp.sum(g32 * g32, axis=2))
+        p = jnp.einsum("bts,bt,bs->b", same, norms, norms)
+        u = unit_roundoff(cd)
+        slack = ((1 + gamma(d, u)) * (1 + gamma(t * t, u)) - 1) * (1 + 2 * gamma(d + t + 4, u))
+        sq = certified(ghost, slack * p)
+    else:
+        branch = "direct"
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
+        gv = jnp.where(valid[..., None], g, 0)
+        per_example = jnp.zeros((b, vocab, d), g.dtype).at[rows, ids].add(gv)
+        sq = sq_norms(per_example)
+
+    def weighted_sum(factor, row_ok):
+        if per_example is not None:
+            return weigh_rows(per_example, factor, row_ok)
+        keep = valid & row_ok[:, None]
+        weighted = jnp.where(keep[..., None], g * _row_factor(factor, 3, g.dtype), 0)
+        return jnp.zeros((vocab, d), g.dtype).at[ids.reshape(-1)].add(weighted.reshape(-1, d))
+
+    return Terms(sq, branch, weighted_sum)
+
+
+def materialized_terms(per_example: jax.Array) -> Terms:
+    """Terms of per-example gradients already computed, ``[B, ...]``."""
+
+    def weighted_sum(factor, row_ok):
+        return weigh_rows(per_example, factor, row_ok)
+
+    return Terms(sq_norms(per_example), "direct", weighted_sum)
