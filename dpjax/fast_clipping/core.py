@@ -33,9 +33,8 @@ from dpjax.clip_math import (
     group_leaves,
     per_example_grads,
     sq_norms,
-    weigh_rows,
 )
-from dpjax.fast_clipping import layouts, norms
+from dpjax.fast_clipping import layouts, lean, norms
 from dpjax.fast_clipping import program as prog
 from dpjax.fast_clipping.batch_axes import Rows
 from dpjax.fast_clipping.plan import (
@@ -56,29 +55,47 @@ METHODS = ("fast", "auto")
 logger = logging.getLogger("dpjax.fast_clipping")
 
 
-def capture(plan: Plan, leaves: list[jax.Array], batch_leaves: list[jax.Array]):
-    """Runs the loss once: ``{op index: operand values}`` and ``{op index: output gradient}``."""
+def capture(plan: Plan, leaves: list[jax.Array], batch_leaves: list[jax.Array],
+            reweighted: tuple[int, ...] = ()):
+    """Runs the loss once: ``({op index: operands}, {op index: output gradient}, reweigh)``.
+
+    With ``reweighted`` leaves (the two-pass mode, :mod:`~dpjax.fast_clipping.lean`),
+    ``reweigh(f)`` is ``{leaf: gradient of sum_i f_i loss_i}`` from the same forward
+    pass, skipping rows that are not finite; otherwise it is None.
+    """
     program = plan.program
     taps = plan.taps
     zeros = {op.index: jnp.zeros(program.shape(op.outs[0]), program.aval(op.outs[0]).dtype)
              for op in taps}
+    wrapped = {op.index: lean.sanitized(op, plan) for op in taps} if reweighted else {}
 
-    def forward(perturbations):
+    def forward(diff_leaves, perturbations):
         seen = {}
+        full = list(leaves)
+        for i, v in zip(reweighted, diff_leaves, strict=True):
+            full[i] = v
 
         def hook(op, invals):
             if op.index not in perturbations:
                 return None
-            outs = prog.bind(op.eqn, invals)
             seen[op.index] = invals
-            return [outs[0] + perturbations[op.index], *outs[1:]]
+            out = wrapped[op.index](*invals) if wrapped else prog.bind(op.eqn, invals)[0]
+            return [out + perturbations[op.index]]
 
-        (losses,) = prog.run(program, [*leaves, *batch_leaves], hook)
+        (losses,) = prog.run(program, [*full, *batch_leaves], hook)
         return losses, seen
 
-    losses, vjp_fn, seen = jax.vjp(forward, zeros, has_aux=True)
-    (grads,) = vjp_fn(jnp.ones_like(losses))
-    return seen, grads
+    diff = [leaves[i] for i in reweighted]
+    losses, vjp_fn, seen = jax.vjp(forward, diff, zeros, has_aux=True)
+    _, grads = vjp_fn(jnp.ones_like(losses))
+    if not reweighted:
+        return seen, grads, None
+
+    def reweigh(factor):
+        sums, _ = vjp_fn(factor.astype(losses.dtype))
+        return dict(zip(reweighted, sums, strict=True))
+
+    return seen, grads, reweigh
 
 
 def _state(plan: Plan, atom) -> Any:
@@ -200,6 +217,8 @@ def fast_clip_and_sum(
     batch: PyTree,
     mask: jax.Array,
     l2_clip_norm: float | PyTree,
+    *,
+    two_pass: bool = False,
 ) -> tuple[PyTree, jax.Array, dict[str, str]]:
     """``(clipped_sum, per_example_norms, branches)`` of one chunk along ``plan``.
 
@@ -207,12 +226,18 @@ def fast_clip_and_sum(
     gradients: each row's contribution (per group) has L2 norm at most its
     bound (up to the relative ``norms.RHO`` of ghost norms, see
     :mod:`~dpjax.fast_clipping.norms`); masked and non-finite rows contribute
-    exactly 0. ``branches`` says how each leaf was computed.
+    exactly 0. ``branches`` says how each leaf was computed. ``two_pass`` takes
+    the clipped sum of the planned leaves from a second, reweighted backward
+    pass instead of book-keeping (:mod:`~dpjax.fast_clipping.lean`).
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     batch_leaves = jax.tree_util.tree_leaves(batch)
     b = plan.batch_size
-    seen, grads = capture(plan, leaves, batch_leaves) if plan.taps else ({}, {})
+    computed = tuple(lp.index for lp in plan.leaves if lp.how in (FAST, MATERIALIZED))
+    seen, grads, reweigh = (
+        capture(plan, leaves, batch_leaves, computed if two_pass else ())
+        if plan.taps else ({}, {}, None)
+    )
     leaf_sq: dict[int, jax.Array] = {}
     weighers: dict[int, Callable[[jax.Array, jax.Array], jax.Array]] = {}
     branches: dict[str, str] = {}
@@ -224,18 +249,16 @@ def fast_clip_and_sum(
     materialized = {lp.index for lp in plan.of(MATERIALIZED)}
     for i, per_example in _materialized_grads(plan, seen, grads, leaves, materialized).items():
         leaf_sq[i] = sq_norms(per_example)
-        weighers[i] = lambda f, ok, g=per_example: weigh_rows(g, f, ok)
-        branches[plan.leaves[i].name] = f"materialized ({len(plan.leaves[i].uses)} uses)"
+        weighers[i] = lambda f, ok, g=per_example: norms.weighted_rows(g, f, ok)
     vmapped = [lp.index for lp in plan.of(VMAP)]
     if vmapped:
         for i, g in zip(vmapped, _leftover_grads(loss_fn, params, batch, vmapped), strict=True):
             leaf_sq[i] = sq_norms(g)
-            weighers[i] = lambda f, ok, g=g: weigh_rows(g, f, ok)
-            branches[plan.leaves[i].name] = f"vmap: {plan.leaves[i].reason}"
+            weighers[i] = lambda f, ok, g=g: norms.weighted_rows(g, f, ok)
     for lp in plan.of(UNUSED):
         leaf_sq[lp.index] = jnp.zeros((b,), jnp.float32)
         weighers[lp.index] = lambda f, ok, shape=leaves[lp.index].shape: jnp.zeros(shape)
-        branches[lp.name] = "unused"
+    branches = {**plan.describe(), **branches}
 
     index_tree = jax.tree_util.tree_unflatten(treedef, list(range(len(leaves))))
     bounds, groups = group_leaves(l2_clip_norm, index_tree)
@@ -244,8 +267,10 @@ def fast_clip_and_sum(
     per_example_norms, row_ok, factors = group_factors(group_sq, mask, bounds)
     summed = [None] * len(leaves)
     for m, factor in zip(members, factors, strict=True):
+        reweighed = reweigh(factor) if reweigh is not None and set(m) & set(computed) else {}
         for i in m:
-            summed[i] = weighers[i](factor, row_ok).astype(leaves[i].dtype)
+            value = reweighed[i] if i in reweighed else weighers[i](factor, row_ok)
+            summed[i] = value.astype(leaves[i].dtype)
     return jax.tree_util.tree_unflatten(treedef, summed), per_example_norms, branches
 
 
@@ -253,19 +278,11 @@ def describe(loss_fn: LossFn, params: PyTree, batch: PyTree) -> dict[str, str]:
     """How the fast path computes each parameter leaf: ``{leaf name: "kind: branch"}``.
 
     Kinds: ``dense``, ``conv``, ``embed`` with branch ``outer`` / ``ghost`` /
-    ``direct``; ``materialized (n uses)``; ``vmap: <reason>``; ``unused``.
-    Traces the loss; runs nothing.
+    ``direct``; ``per-example: <primitives>`` (gradients materialized per
+    example, summed over the uses: biases, norm scales, tied or composed
+    parameters); ``vmap: <reason>``; ``unused``. Traces the loss; runs nothing.
     """
-    found: dict[str, str] = {}
-
-    def trace(params, batch):
-        mask = jnp.ones(jax.tree_util.tree_leaves(batch)[0].shape[0])
-        plan = discover(loss_fn, params, batch)
-        _, _, branches = fast_clip_and_sum(loss_fn, plan, params, batch, mask, 1.0)
-        found.update(branches)
-
-    jax.eval_shape(trace, params, batch)
-    return found
+    return discover(loss_fn, params, batch).describe()
 
 
 def _make_logger() -> Callable[..., None]:
@@ -286,6 +303,7 @@ def make_chunk(
     l2_clip_norm: float | PyTree,
     method: str,
     fallback: ChunkFn,
+    two_pass: bool = False,
 ) -> ChunkFn:
     """``chunk(params, batch, mask) -> (clipped_sum, per_example_norms)`` by the fast path.
 
@@ -302,6 +320,12 @@ def make_chunk(
     refused with :class:`~dpjax.models.check.BatchMixingError` by both methods.
     They differ only on an unexpected failure while planning: ``"fast"``
     raises it, ``"auto"`` logs it and uses ``fallback``.
+
+    ``two_pass=True`` is the memory-lean mode: per-example norms from one
+    backward pass, the clipped sum from a second, reweighted one (about the
+    memory of an ordinary gradient, one extra backward pass per clipping group;
+    :mod:`~dpjax.fast_clipping.lean`). The default keeps each layer's inputs
+    and output gradients for book-keeping (no second pass).
     """
     _validate.one_of("method", method, METHODS)
     log_once = _make_logger()
@@ -323,13 +347,14 @@ def make_chunk(
         if plan.verdict:
             log_once(logging.WARNING, "clipping method %r: vmap path (%s)", method, plan.verdict)
             return fallback(params, batch, mask)
-        summed, norms_, _ = fast_clip_and_sum(loss_fn, plan, params, batch, mask, l2_clip_norm)
+        summed, norms_, _ = fast_clip_and_sum(loss_fn, plan, params, batch, mask, l2_clip_norm,
+                                              two_pass=two_pass)
         fallbacks = plan.fallbacks()
         log_once(
             logging.WARNING if fallbacks else logging.INFO,
-            "clipping method %r: fast path (ghost norms + book-keeping, no second backward "
-            "pass); per-example vmap for: %s",
+            "clipping method %r: fast path (%s); per-example vmap for: %s",
             method,
+            "two backward passes" if two_pass else "ghost norms + book-keeping, one backward pass",
             "; ".join(f"{name} ({why})" for name, why in fallbacks.items()) or "none",
         )
         return summed, norms_

@@ -74,6 +74,7 @@ class DenseLayout:
     p_perm: tuple[int, ...]
     n_batch: int
     nkf: tuple[int, int, int]
+    positions: int  # T: every free position of X but the example index
     kind: str = "dense"
 
     def operands(self, x: jax.Array, g: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
@@ -115,6 +116,7 @@ def dense_layout(params: dict, p_pos: int, shapes, x_state: Rows, out_state: Row
         out_of_x={d: j for d, j in out_of_x.items()},
         out_of_p={d: j for d, j in out_of_p.items() if d not in pb},
         p_perm=pb + pc + p_free, n_batch=len(lb), nkf=nkf,
+        positions=x_state.outer * x_state.inner * math.prod(x_shape[d] for d in x_free),
     )
 
 
@@ -134,6 +136,7 @@ class ConvLayout:
     rhs_dilation: tuple[int, ...]
     groups: int
     nkf: tuple[int, int, int]
+    positions: int
     kind: str = "conv"
 
     def operands(self, x: jax.Array, g: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
@@ -162,7 +165,7 @@ class ConvLayout:
         return xp.reshape(kt, self.nkf)
 
 
-def conv_layout(params: dict, shapes, x_state: Rows, out_state: Rows):
+def conv_layout(params: dict, shapes, out_shape, x_state: Rows, out_state: Rows):
     if params["batch_group_count"] != 1:
         return "batch-grouped convolution"
     dn = params["dimension_numbers"]
@@ -179,6 +182,7 @@ def conv_layout(params: dict, shapes, x_state: Rows, out_state: Rows):
         lhs_dilation=tuple(params.get("lhs_dilation") or (1,) * rank),
         rhs_dilation=tuple(params.get("rhs_dilation") or (1,) * rank),
         groups=groups, nkf=(groups, c_g * math.prod(kernel), o // groups),
+        positions=x_state.outer * x_state.inner * math.prod(out_shape[d] for d in out_spec[2:]),
     )
 
 
@@ -222,7 +226,12 @@ class EmbedLayout:
     vocab: int
     width: int
     mode: str  # "clip" or "drop": what happens to ids outside [0, V)
+    positions: int
     kind: str = "embed"
+
+    @property
+    def nkf(self) -> tuple[int, int, int]:
+        return 1, self.vocab, self.width
 
     def operands(self, idx: jax.Array, g: jax.Array, b: int):
         ids = expose(idx[..., 0], self.idx_state, b).reshape(b, -1)
@@ -260,6 +269,8 @@ def embed_layout(params: dict, shapes, idx_state: Rows, out_state: Rows):
         idx_state=idx_state, out_state=out_state, out_ndim=len(batch_out) + len(offset),
         offset_dims=offset, vocab=table[0], width=math.prod(table[1:]),
         mode="clip" if "CLIP" in mode else "drop",
+        positions=idx_state.outer * idx_state.inner * math.prod(
+            n for d, n in enumerate(idx[:-1]) if d != idx_state.axis),
     )
 
 

@@ -49,9 +49,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dpjax.clip_math import sq_norms, weigh_rows, zero_bad_rows
+from dpjax.clip_math import sq_norms, zero_bad_rows
 
 RHO = 1e-4
+MAX_GHOST_TERMS = 2**20  # beyond this the rounding bound itself grows past a few percent
 Weigher = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -67,6 +68,15 @@ class Terms:
 def use_ghost(positions: int, d_in: int, d_out: int) -> bool:
     """The ghost norm when its [T, T] Gram matrices are smaller than a per-example gradient."""
     return 2 * positions * positions < d_in * d_out
+
+
+def branch(positions: int, d_in: int, d_out: int) -> str:
+    """"outer" (one position), "ghost" or "direct" (see the module docstring)."""
+    if positions == 1:
+        return "outer"
+    if use_ghost(positions, d_in, d_out) and positions * positions < MAX_GHOST_TERMS:
+        return "ghost"
+    return "direct"
 
 
 def unit_roundoff(dtype) -> float:
@@ -105,11 +115,10 @@ def linear_terms(a: jax.Array, g: jax.Array) -> Terms:
     cd = _compute_dtype(a.dtype)
     a32, g32 = a.astype(cd), g.astype(cd)
     per_example = None
-    if t == 1:
-        branch = "outer"
+    how = branch(t, k, f)
+    if how == "outer":
         sq = jnp.sum(jnp.sum(a32 * a32, axis=(2, 3)) * jnp.sum(g32 * g32, axis=(2, 3)), axis=1)
-    elif use_ghost(t, k, f):
-        branch = "ghost"
+    elif how == "ghost":
         gram_a = jnp.einsum("bntk,bnsk->bnts", a32, a32)
         gram_g = jnp.einsum("bntf,bnsf->bnts", g32, g32)
         ghost = jnp.einsum("bnts,bnts->b", gram_a, gram_g)
@@ -119,18 +128,17 @@ def linear_terms(a: jax.Array, g: jax.Array) -> Terms:
         slack = ghost_slack(k, f, n * t * t, t, unit_roundoff(cd))
         sq = certified(ghost, slack * p)
     else:
-        branch = "direct"
         per_example = jnp.einsum("bntk,bntf->bnkf", a, g)
         sq = sq_norms(per_example)
 
     def weighted_sum(factor, row_ok):
         if per_example is not None:
-            return weigh_rows(per_example, factor, row_ok)
+            return weighted_rows(per_example, factor, row_ok)
         az = zero_bad_rows(a, row_ok)
         gz = jnp.where(_row_factor(row_ok, 4, bool), g * _row_factor(factor, 4, g.dtype), 0)
         return jnp.einsum("bntk,bntf->nkf", az, gz)
 
-    return Terms(sq, branch, weighted_sum)
+    return Terms(sq, how, weighted_sum)
 
 
 def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> Terms:
@@ -139,11 +147,10 @@ def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> T
     cd = _compute_dtype(g.dtype)
     g32 = jnp.where(valid[..., None], g.astype(cd), 0)
     per_example = None
-    if t == 1:
-        branch = "outer"
+    how = branch(t, vocab, d)
+    if how == "outer":
         sq = jnp.sum(g32 * g32, axis=(1, 2))
-    elif use_ghost(t, vocab, d):
-        branch = "ghost"
+    elif how == "ghost":
         same = (ids[:, :, None] == ids[:, None, :]).astype(cd)
         ghost = jnp.einsum("bts,bts->b", same, jnp.einsum("btd,bsd->bts", g32, g32))
         norms = jnp.sqrt(jnp.sum(g32 * g32, axis=2))
@@ -152,7 +159,6 @@ def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> T
         slack = ((1 + gamma(d, u)) * (1 + gamma(t * t, u)) - 1) * (1 + 2 * gamma(d + t + 4, u))
         sq = certified(ghost, slack * p)
     else:
-        branch = "direct"
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
         gv = jnp.where(valid[..., None], g, 0)
         per_example = jnp.zeros((b, vocab, d), g.dtype).at[rows, ids].add(gv)
@@ -160,18 +166,20 @@ def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> T
 
     def weighted_sum(factor, row_ok):
         if per_example is not None:
-            return weigh_rows(per_example, factor, row_ok)
+            return weighted_rows(per_example, factor, row_ok)
         keep = valid & row_ok[:, None]
         weighted = jnp.where(keep[..., None], g * _row_factor(factor, 3, g.dtype), 0)
         return jnp.zeros((vocab, d), g.dtype).at[ids.reshape(-1)].add(weighted.reshape(-1, d))
 
-    return Terms(sq, branch, weighted_sum)
+    return Terms(sq, how, weighted_sum)
 
 
-def materialized_terms(per_example: jax.Array) -> Terms:
-    """Terms of per-example gradients already computed, ``[B, ...]``."""
+def weighted_rows(per_example: jax.Array, factor: jax.Array, row_ok: jax.Array) -> jax.Array:
+    """``sum_i factor_i * per_example_i`` over the finite rows, as one fused reduction.
 
-    def weighted_sum(factor, row_ok):
-        return weigh_rows(per_example, factor, row_ok)
-
-    return Terms(sq_norms(per_example), "direct", weighted_sum)
+    The same value as :func:`dpjax.clip_math.weigh_rows`, without a zeroed copy
+    of ``per_example`` (``where`` fuses into the sum; a matrix product would not).
+    """
+    keep = _row_factor(row_ok, per_example.ndim, bool)
+    weighted = per_example * _row_factor(factor, per_example.ndim, per_example.dtype)
+    return jnp.sum(jnp.where(keep, weighted, 0), axis=0)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.fast_clipping import layouts
+from dpjax.fast_clipping import layouts, norms
 from dpjax.fast_clipping import program as prog
 from dpjax.fast_clipping.batch_axes import (
     ELEMENTWISE,
@@ -105,6 +105,22 @@ class Plan:
         ops = {u.op.index: u.op for lp in self.leaves if lp.how in (FAST, MATERIALIZED)
                for u in lp.uses}
         return [ops[i] for i in sorted(ops)]
+
+    def describe(self) -> dict[str, str]:
+        """``{leaf name: how it is computed}`` (see :func:`~dpjax.fast_clipping.core.describe`)."""
+        out = {}
+        for lp in self.leaves:
+            if lp.how == FAST:
+                _, k, f = lp.uses[0].layout.nkf
+                t = sum(u.layout.positions for u in lp.uses)
+                out[lp.name] = f"{lp.kind}: {norms.branch(t, k, f)}"
+            elif lp.how == MATERIALIZED:
+                out[lp.name] = "per-example: " + ", ".join(sorted({u.op.name for u in lp.uses}))
+            elif lp.how == VMAP:
+                out[lp.name] = f"vmap: {lp.reason}"
+            else:
+                out[lp.name] = "unused"
+        return out
 
     def of(self, how: str) -> list[LeafPlan]:
         return [lp for lp in self.leaves if lp.how == how]
@@ -191,7 +207,8 @@ def _use(program, states, leaf_of, op: prog.Op, pos: int, ins: list[State]) -> U
     if op.name == "dot_general":
         layout = layouts.dense_layout(op.params, pos, shapes, ins[1 - pos], out)
     elif op.name == "conv_general_dilated":
-        layout = (layouts.conv_layout(op.params, shapes, ins[0], out) if pos == 1
+        layout = (layouts.conv_layout(op.params, shapes, program.shape(op.outs[0]), ins[0], out)
+                  if pos == 1
                   else "the parameter is the convolution's input")
     elif op.name == "gather":
         layout = (layouts.embed_layout(op.params, shapes, ins[1], out) if pos == 0
