@@ -438,9 +438,17 @@ def _window(ctx: _Ctx) -> list[State]:
     return [r] * ctx.n_out if trivial else ctx.mixing("has a window over the batch axis")
 
 
+def _scan_counts(params: dict) -> tuple[int, int]:
+    """(number of constants, number of carries) of a ``scan``, before and after jax 0.12."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()  # jax >= 0.12: flat trees of the operands
+    return len(list(consts.vals)), len(list(carry.vals))
+
+
 def _scan(ctx: _Ctx) -> list[State]:
     p = ctx.op.params
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = _scan_counts(p)
     body = prog.flatten(p["jaxpr"])
     consts, carry, xs = ctx.ins[:nc], list(ctx.ins[nc : nc + nk]), ctx.ins[nc + nk :]
     sliced = []

@@ -32,7 +32,6 @@ from dpjax.clip_math import (
     group_factors,
     group_leaves,
     per_example_grads,
-    sq_norms,
 )
 from dpjax.fast_clipping import layouts, lean, norms
 from dpjax.fast_clipping import program as prog
@@ -48,6 +47,7 @@ from dpjax.fast_clipping.plan import (
     chain_values,
     discover,
 )
+from dpjax.models.check import BatchMixingError
 
 PyTree = Any
 ChunkFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]]
@@ -248,12 +248,12 @@ def fast_clip_and_sum(
         branches[lp.name] = f"{lp.kind}: {terms.branch}"
     materialized = {lp.index for lp in plan.of(MATERIALIZED)}
     for i, per_example in _materialized_grads(plan, seen, grads, leaves, materialized).items():
-        leaf_sq[i] = sq_norms(per_example)
+        leaf_sq[i] = norms.row_sq_norms(per_example)
         weighers[i] = lambda f, ok, g=per_example: norms.weighted_rows(g, f, ok)
     vmapped = [lp.index for lp in plan.of(VMAP)]
     if vmapped:
         for i, g in zip(vmapped, _leftover_grads(loss_fn, params, batch, vmapped), strict=True):
-            leaf_sq[i] = sq_norms(g)
+            leaf_sq[i] = norms.row_sq_norms(g)
             weighers[i] = lambda f, ok, g=g: norms.weighted_rows(g, f, ok)
     for lp in plan.of(UNUSED):
         leaf_sq[lp.index] = jnp.zeros((b,), jnp.float32)
@@ -336,7 +336,7 @@ def make_chunk(
             return fallback(params, batch, mask)
         try:
             plan = discover(loss_fn, params, batch)
-        except ValueError:
+        except BatchMixingError:
             raise
         except Exception as err:  # noqa: BLE001 (auto falls back on any planning failure)
             if method == "fast":
@@ -346,6 +346,11 @@ def make_chunk(
             return fallback(params, batch, mask)
         if plan.verdict:
             log_once(logging.WARNING, "clipping method %r: vmap path (%s)", method, plan.verdict)
+            return fallback(params, batch, mask)
+        if not plan.of(FAST) and not plan.of(MATERIALIZED):
+            reasons = "; ".join(f"{n} ({why})" for n, why in plan.fallbacks().items())
+            log_once(logging.WARNING, "clipping method %r: vmap path (no leaf has a rule: %s)",
+                     method, reasons)
             return fallback(params, batch, mask)
         summed, norms_, _ = fast_clip_and_sum(loss_fn, plan, params, batch, mask, l2_clip_norm,
                                               two_pass=two_pass)

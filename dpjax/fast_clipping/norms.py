@@ -49,7 +49,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dpjax.clip_math import sq_norms, zero_bad_rows
+from dpjax.clip_math import zero_bad_rows
 
 RHO = 1e-4
 MAX_GHOST_TERMS = 2**20  # beyond this the rounding bound itself grows past a few percent
@@ -116,20 +116,21 @@ def linear_terms(a: jax.Array, g: jax.Array) -> Terms:
     a32, g32 = a.astype(cd), g.astype(cd)
     per_example = None
     how = branch(t, k, f)
-    if how == "outer":
-        sq = jnp.sum(jnp.sum(a32 * a32, axis=(2, 3)) * jnp.sum(g32 * g32, axis=(2, 3)), axis=1)
+    if how == "outer":  # contractions, not sum(a * a): no squared copy of A or G
+        sq = jnp.einsum("bn,bn->b", jnp.einsum("bntk,bntk->bn", a32, a32),
+                        jnp.einsum("bntf,bntf->bn", g32, g32))
     elif how == "ghost":
         gram_a = jnp.einsum("bntk,bnsk->bnts", a32, a32)
         gram_g = jnp.einsum("bntf,bnsf->bnts", g32, g32)
         ghost = jnp.einsum("bnts,bnts->b", gram_a, gram_g)
-        norms_a = jnp.sqrt(jnp.sum(a32 * a32, axis=3))
-        norms_g = jnp.sqrt(jnp.sum(g32 * g32, axis=3))
+        norms_a = jnp.sqrt(jnp.einsum("bntk,bntk->bnt", a32, a32))
+        norms_g = jnp.sqrt(jnp.einsum("bntf,bntf->bnt", g32, g32))
         p = jnp.sum(jnp.square(jnp.sum(norms_a * norms_g, axis=2)), axis=1)
         slack = ghost_slack(k, f, n * t * t, t, unit_roundoff(cd))
         sq = certified(ghost, slack * p)
     else:
         per_example = jnp.einsum("bntk,bntf->bnkf", a, g)
-        sq = sq_norms(per_example)
+        sq = row_sq_norms(per_example)
 
     def weighted_sum(factor, row_ok):
         if per_example is not None:
@@ -149,11 +150,11 @@ def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> T
     per_example = None
     how = branch(t, vocab, d)
     if how == "outer":
-        sq = jnp.sum(g32 * g32, axis=(1, 2))
+        sq = jnp.einsum("btd,btd->b", g32, g32)
     elif how == "ghost":
         same = (ids[:, :, None] == ids[:, None, :]).astype(cd)
         ghost = jnp.einsum("bts,bts->b", same, jnp.einsum("btd,bsd->bts", g32, g32))
-        norms = jnp.sqrt(jnp.sum(g32 * g32, axis=2))
+        norms = jnp.sqrt(jnp.einsum("btd,btd->bt", g32, g32))
         p = jnp.einsum("bts,bt,bs->b", same, norms, norms)
         u = unit_roundoff(cd)
         slack = ((1 + gamma(d, u)) * (1 + gamma(t * t, u)) - 1) * (1 + 2 * gamma(d + t + 4, u))
@@ -162,7 +163,7 @@ def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> T
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
         gv = jnp.where(valid[..., None], g, 0)
         per_example = jnp.zeros((b, vocab, d), g.dtype).at[rows, ids].add(gv)
-        sq = sq_norms(per_example)
+        sq = row_sq_norms(per_example)
 
     def weighted_sum(factor, row_ok):
         if per_example is not None:
@@ -172,6 +173,12 @@ def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> T
         return jnp.zeros((vocab, d), g.dtype).at[ids.reshape(-1)].add(weighted.reshape(-1, d))
 
     return Terms(sq, how, weighted_sum)
+
+
+def row_sq_norms(per_example: jax.Array) -> jax.Array:
+    """``[B]`` squared L2 norms of the rows of ``per_example`` (a contraction: no squared copy)."""
+    flat = per_example.reshape(per_example.shape[0], -1).astype(_compute_dtype(per_example.dtype))
+    return jnp.einsum("bk,bk->b", flat, flat)
 
 
 def weighted_rows(per_example: jax.Array, factor: jax.Array, row_ok: jax.Array) -> jax.Array:
