@@ -54,6 +54,7 @@ from dpjax.models.check import BatchMixingError
 STRUCTURAL = frozenset({"reshape", "transpose", "squeeze", "broadcast_in_dim", "copy", "copy_p",
                         "convert_element_type"})
 ALIGNED = ELEMENTWISE | {"concatenate", "pad", "dynamic_update_slice"}
+TRANSPARENT = frozenset({"optimization_barrier", "device_put"})  # each result is its operand
 FAST, MATERIALIZED, VMAP, UNUSED = "fast", "materialized", "vmap", "unused"
 
 
@@ -190,12 +191,18 @@ def _uses(program: prog.Program, states: dict[int, State], n_leaves: int) -> lis
     found = []
     for op in program.live_ops():
         ins = [state(a) for a in op.ins]
-        if not any(isinstance(s, Rows) for s in ins):
+        if not any(isinstance(s, Rows) for s in ins) or op.name in TRANSPARENT or not op.outs:
+            continue
+        if not _inexact(program.aval(op.outs[0])):  # e.g. a comparison: no gradient flows
             continue
         for pos, s in enumerate(ins):
-            if isinstance(s, Const) and s.leaves:
+            if isinstance(s, Const) and s.leaves and _inexact(program.aval(op.ins[pos])):
                 found.append(_use(program, states, leaf_of, op, pos, ins))
     return found
+
+
+def _inexact(aval) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
 def _use(program, states, leaf_of, op: prog.Op, pos: int, ins: list[State]) -> Use:

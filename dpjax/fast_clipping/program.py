@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
@@ -215,5 +216,6 @@ def evaluate(program: Program, targets: Sequence[Atom], known: dict[int, Any]) -
 
 def trace(fn: Callable[..., Any], *args: Any) -> Program:
     """The flat program of ``fn(*args)`` at the shapes and dtypes of ``args``."""
-    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
+    shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), args)
     return flatten(jax.make_jaxpr(fn)(*shapes))
