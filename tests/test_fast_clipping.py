@@ -446,6 +446,21 @@ def test_a_layer_called_twice_is_stacked_along_positions():
     _assert_close(*_both(loss_fn, params, batch, _mask(5), 0.5))
 
 
+def test_a_nan_in_a_pixel_no_window_reads_does_not_drop_the_row():
+    class Strided(nn.Module):  # a 1x1 convolution with stride 2 never reads odd pixels
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Conv(4, (1, 1), strides=2, padding="VALID")(x)
+            return nn.Dense(3)(jnp.mean(jnp.tanh(h), axis=(1, 2)))
+
+    loss_fn, params, (x, y) = _linen(Strided(), _images((4, 6, 6, 2)), 3)
+    x = x.at[1, 1, 1].set(jnp.nan)  # row 1, an unread pixel
+    assert describe(loss_fn, params, (x, y))["['Conv_0']['kernel']"] == "conv: direct"
+    vmap_result, fast_result = _both(loss_fn, params, (x, y), jnp.ones(4), 0.5)
+    assert bool(jnp.all(jnp.isfinite(fast_result[1])))
+    _assert_close(vmap_result, fast_result)
+
+
 def test_params_used_outside_layers_are_summed_per_example():
     base, params, batch = _linen(MLP(hidden=(8,)), _images((5, 6)), 10)
 

@@ -8,6 +8,7 @@ force over indices, ``lax.conv_general_dilated``, float64 numpy).
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,29 @@ def test_conv_patches_times_the_kernel_reproduce_the_convolution(case):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+READ_CASES = [*CONV_CASES, dict(lhs=(1, 6, 2), rhs=(1, 2, 3), strides=(2,), padding=((0, 0),),
+                                dn=("NWC", "WIO", "NWC"))]  # reads pixels 0, 2, 4 only
+
+
+@pytest.mark.parametrize("case", READ_CASES)
+def test_conv_read_mask_is_where_the_input_gradient_of_a_positive_kernel_is_nonzero(case):
+    lhs, rhs = jnp.ones(case["lhs"]), jnp.ones(case["rhs"])
+    kwargs = dict(window_strides=case["strides"], padding=case["padding"],
+                  lhs_dilation=case.get("lhs_dilation"), rhs_dilation=case.get("rhs_dilation"),
+                  dimension_numbers=case["dn"], feature_group_count=case.get("groups", 1))
+    conv = jax.jit(lambda a: jax.lax.conv_general_dilated(a, rhs, **kwargs))
+    _, vjp_fn = jax.vjp(conv, lhs)
+    (reached,) = vjp_fn(jnp.ones(conv(lhs).shape))
+    (eqn,) = jax.make_jaxpr(lambda a, b: jax.lax.conv_general_dilated(a, b, **kwargs))(
+        lhs, rhs).eqns
+    spec = eqn.params["dimension_numbers"].lhs_spec
+    expected = np.asarray(jnp.transpose(reached, spec)[0, 0]) > 0  # [*spatial] of one channel
+    got = layouts.conv_read_mask({**eqn.params, "rhs_shape": rhs.shape}, lhs.shape)
+    np.testing.assert_array_equal(got, expected)
+    if case is READ_CASES[-1]:
+        np.testing.assert_array_equal(got, [True, False] * 3)
+
+
 def _exact_sq(a, g):
     """float64 ||A_i^T G_i||_F^2 summed over groups, A [B, N, T, K], G [B, N, T, F]."""
     per = np.einsum("bntk,bntf->bnkf", np.asarray(a, np.float64), np.asarray(g, np.float64))
@@ -247,7 +271,13 @@ def test_embedding_ghost_norm_counts_repeats_and_bounds_cancellation():
 
 def test_the_rounding_constant_follows_its_formula():
     u = 2.0**-24
-    c = (1 + 8 * u / (1 - 8 * u)) * (1 + 12 * u / (1 - 12 * u)) * (1 + 36 * u / (1 - 36 * u)) - 1
+    depth = math.ceil(math.log2(36)) + 1  # a balanced tree over 36 products, plus the product
+    assert norms.tree_depth(36) == depth and norms.tree_depth(64) == 7 and norms.tree_depth(1) == 1
+    c = (1 + 8 * u / (1 - 8 * u)) * (1 + 12 * u / (1 - 12 * u))
+    c = c * (1 + depth * u / (1 - depth * u)) - 1
     assert norms.ghost_slack(8, 12, 36, 6, u) == pytest.approx(
         c * (1 + 2 * 30 * u / (1 - 30 * u)), rel=1e-12)
     assert norms.unit_roundoff(jnp.float32) == u
+    x = np.random.default_rng(0).standard_normal((3, 37)).astype(np.float32)
+    np.testing.assert_allclose(norms.pairwise_sum(jnp.asarray(x)), x.astype(np.float64).sum(1),
+                               rtol=1e-6)

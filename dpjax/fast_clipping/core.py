@@ -19,6 +19,7 @@ Leaves the plan sends to vmap get their per-example gradients from
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -112,10 +113,22 @@ def _normal_form(use: Use, plan: Plan, seen, grads):
     return lay.operands(vals[x_pos], g, b)
 
 
-def _fast_terms(lp: LeafPlan, plan: Plan, seen, grads, leaf: jax.Array):
+def _fast_terms(lp: LeafPlan, plan: Plan, seen, grads, leaves: list[jax.Array]):
     """Norms and book-keeping of a leaf whose uses all share one normal form."""
-    forms = [_normal_form(u, plan, seen, grads) for u in lp.uses]
     first = lp.uses[0]
+    leaf = leaves[lp.index]
+    _, k, f = first.layout.nkf
+    if first.layout.kind == "conv" and norms.branch(lp.positions, k, f) == "direct":
+        # A convolution's own VJP per example: no [B, T, K] patches (several times the
+        # input's size), and on CPU faster than patches times output gradients.
+        chain = jax.vmap(lambda g: jax.vjp(lambda w: chain_values(first.chain, w), leaf)[1](g)[0])
+        per_use = [per_example_target_grads(u, plan, seen, grads, leaves) for u in lp.uses]
+        per_example = sum(chain(g) for g, _ in per_use)
+        bad = functools.reduce(_either, [bad for _, bad in per_use])
+        terms = norms.Terms(_with_bad_rows(norms.row_sq_norms(per_example), bad), "direct",
+                            lambda f, ok: norms.weighted_rows(per_example, f, ok))
+        return terms, lambda x: x.astype(leaf.dtype)
+    forms = [_normal_form(u, plan, seen, grads) for u in lp.uses]
     if first.layout.kind == "embed":
         ids = jnp.concatenate([f[0] for f in forms], axis=1)
         valid = jnp.concatenate([f[1] for f in forms], axis=1)
@@ -140,40 +153,69 @@ def _expose_rows(x: jax.Array, s: Rows, b: int) -> jax.Array:
     return y.reshape((b,) + x.shape[: s.axis] + (s.outer * s.inner,) + x.shape[s.axis + 1 :])
 
 
-def per_example_target_grads(use: Use, plan: Plan, seen, grads, leaves) -> jax.Array:
-    """``[B, *target.shape]``: each example's gradient of the use's target, by a row-wise VJP."""
+def per_example_target_grads(use: Use, plan: Plan, seen, grads, leaves):
+    """``([B, *target.shape], bad)``: each example's gradient of the use's target; rows to drop.
+
+    A row-wise VJP of the one operation, vmapped over examples. jax's batching
+    of a convolution's kernel VJP can mix examples through ``0 * NaN`` (a NaN
+    row then turns every row NaN), so for convolutions the rows whose output
+    gradient, or a read input pixel, is not finite are zeroed first and
+    returned in ``bad`` (exactly the rows whose kernel gradient is not
+    finite); elsewhere ``bad`` is None and NaN stays in its row.
+    """
     program, op, b = plan.program, use.op, plan.batch_size
     vals = list(seen[op.index])
     rows = [k for k, a in enumerate(op.ins) if isinstance(_state(plan, a), Rows)]
     out_state = plan.states[op.outs[0]]
     x_rows = [_expose_rows(vals[k], plan.states[op.ins[k]], b) for k in rows]
     g_rows = _expose_rows(grads[op.index], out_state, b)
-    if use.peel is None:
-        target = vals[use.pos]
-    else:
-        known = {program.inputs[i]: leaves[i] for i in use.leaves}
-        target = prog.evaluate(program, [use.target], known)[0]
-        dims = use.peel.params["broadcast_dimensions"]
+    bad = None
+    if op.name == "conv_general_dilated":
+        params = {**op.params, "rhs_shape": program.shape(op.ins[1])}
+        read = layouts.conv_read_mask(params, program.shape(op.ins[0]))
+        spatial = [d + 1 for d in op.params["dimension_numbers"].lhs_spec[2:]]
+        x = jnp.moveaxis(x_rows[0], spatial, list(range(1, 1 + len(spatial))))
+        x_bad = ~jnp.isfinite(x) & read.reshape(read.shape + (1,) * (x.ndim - 1 - read.ndim))
+        bad = jnp.any(x_bad.reshape(b, -1), axis=1)
+        bad = bad | ~jnp.all(jnp.isfinite(g_rows).reshape(b, -1), axis=1)
+        x_rows = [jnp.where(_row_factor(bad, v.ndim), 0, v) for v in x_rows]
+        g_rows = jnp.where(_row_factor(bad, g_rows.ndim), 0, g_rows)
+    target = vals[use.pos]
+    if use.slice_axis is not None:  # uniform along the batch axis: one slice per example
+        target = jax.lax.slice_in_dim(target, 0, 1, axis=use.slice_axis)
         shape = list(program.shape(op.ins[use.pos]))
-        shape[out_state.axis] = out_state.outer * out_state.inner
+        shape[use.slice_axis] = out_state.outer * out_state.inner
 
     def one(xs, g):
         def f(t):
             full = list(vals)
             for k, v in zip(rows, xs, strict=True):
                 full[k] = v
-            full[use.pos] = t if use.peel is None else jax.lax.broadcast_in_dim(t, shape, dims)
+            full[use.pos] = t if use.slice_axis is None else jnp.broadcast_to(t, shape)
             return prog.bind(op.eqn, full)[0]
 
         _, vjp_fn = jax.vjp(f, target)
         return vjp_fn(g.astype(program.aval(op.outs[0]).dtype))[0]
 
-    return jax.vmap(one)(x_rows, g_rows)
+    return jax.vmap(one)(x_rows, g_rows), bad
 
 
-def _materialized_grads(plan: Plan, seen, grads, leaves, wanted: set[int]) -> dict[int, jax.Array]:
-    """Per-example gradients ``[B, *leaf.shape]`` of the wanted leaves, summed over their uses."""
+def _row_factor(v: jax.Array, ndim: int) -> jax.Array:
+    return v.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _either(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    return b if a is None else (a if b is None else a | b)
+
+
+def _with_bad_rows(sq: jax.Array, bad: jax.Array | None) -> jax.Array:
+    return sq if bad is None else jnp.where(bad, jnp.nan, sq)
+
+
+def _materialized_grads(plan: Plan, seen, grads, leaves, wanted: set[int]):
+    """``{leaf: ([B, *leaf.shape], bad)}``: per-example gradients summed over uses; rows to drop."""
     out: dict[int, jax.Array] = {}
+    bad_rows: dict[int, jax.Array | None] = {}
     done = set()
     for lp in plan.leaves:
         if lp.index not in wanted:
@@ -183,18 +225,22 @@ def _materialized_grads(plan: Plan, seen, grads, leaves, wanted: set[int]) -> di
                 continue
             done.add(id(use))
             ids = sorted(i for i in use.leaves if i in wanted)
-            per_target = per_example_target_grads(use, plan, seen, grads, leaves)
+            per_target, bad = per_example_target_grads(use, plan, seen, grads, leaves)
             known_inputs = [plan.program.inputs[i] for i in ids]
 
             def phi(*values, use=use, known_inputs=known_inputs):
-                return prog.evaluate(plan.program, [use.target],
-                                     dict(zip(known_inputs, values, strict=True)))[0]
+                (p,) = prog.evaluate(plan.program, [use.target],
+                                     dict(zip(known_inputs, values, strict=True)))
+                if use.slice_axis is not None:
+                    p = jax.lax.slice_in_dim(p, 0, 1, axis=use.slice_axis)
+                return p
 
             _, vjp_fn = jax.vjp(phi, *[leaves[i] for i in ids])
             contributions = jax.vmap(vjp_fn)(per_target)
             for i, c in zip(ids, contributions, strict=True):
                 out[i] = c if i not in out else out[i] + c
-    return out
+                bad_rows[i] = _either(bad_rows.get(i), bad)
+    return {i: (g, bad_rows[i]) for i, g in out.items()}
 
 
 def _leftover_grads(loss_fn, params, batch, indices: list[int]) -> list[jax.Array]:
@@ -242,13 +288,14 @@ def fast_clip_and_sum(
     weighers: dict[int, Callable[[jax.Array, jax.Array], jax.Array]] = {}
     branches: dict[str, str] = {}
     for lp in plan.of(FAST):
-        terms, to_leaf = _fast_terms(lp, plan, seen, grads, leaves[lp.index])
+        terms, to_leaf = _fast_terms(lp, plan, seen, grads, leaves)
         leaf_sq[lp.index] = terms.sq
         weighers[lp.index] = lambda f, ok, t=terms, tl=to_leaf: tl(t.weighted_sum(f, ok))
         branches[lp.name] = f"{lp.kind}: {terms.branch}"
     materialized = {lp.index for lp in plan.of(MATERIALIZED)}
-    for i, per_example in _materialized_grads(plan, seen, grads, leaves, materialized).items():
-        leaf_sq[i] = norms.row_sq_norms(per_example)
+    for i, (per_example, bad) in _materialized_grads(plan, seen, grads, leaves,
+                                                     materialized).items():
+        leaf_sq[i] = _with_bad_rows(norms.row_sq_norms(per_example), bad)
         weighers[i] = lambda f, ok, g=per_example: norms.weighted_rows(g, f, ok)
     vmapped = [lp.index for lp in plan.of(VMAP)]
     if vmapped:

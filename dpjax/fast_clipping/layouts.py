@@ -186,6 +186,33 @@ def conv_layout(params: dict, shapes, out_shape, x_state: Rows, out_state: Rows)
     )
 
 
+def conv_read_mask(params: dict, lhs_shape: tuple[int, ...]) -> np.ndarray:
+    """Which input positions ``[*spatial]`` (lhs spatial order) any window reads.
+
+    Strides, dilations and negative padding can leave pixels unread; a value
+    that is not finite there does not reach the kernel gradient. Static.
+    """
+    dn = params["dimension_numbers"]
+    lhs_spec, rhs_spec = tuple(dn.lhs_spec), tuple(dn.rhs_spec)
+    mask = np.ones((), bool)
+    rank = len(lhs_spec) - 2
+    lhs_dil = tuple(params.get("lhs_dilation") or (1,) * rank)
+    rhs_dil = tuple(params.get("rhs_dilation") or (1,) * rank)
+    for d in range(rank):
+        n, k = lhs_shape[lhs_spec[2 + d]], params["rhs_shape"][rhs_spec[2 + d]]
+        lo, hi = params["padding"][d]
+        size = (n - 1) * lhs_dil[d] + 1 + lo + hi
+        out = (size - ((k - 1) * rhs_dil[d] + 1)) // params["window_strides"][d] + 1
+        read = np.zeros(n, bool)
+        for o in range(max(out, 0)):
+            for j in range(k):
+                q = o * params["window_strides"][d] + j * rhs_dil[d] - lo  # in the dilated input
+                if 0 <= q < (n - 1) * lhs_dil[d] + 1 and q % lhs_dil[d] == 0:
+                    read[q // lhs_dil[d]] = True
+        mask = np.multiply.outer(mask, read)
+    return mask
+
+
 def conv_patches(layout: ConvLayout, x: jax.Array) -> jax.Array:
     """The patches ``[Bt, *out_spatial, C * prod(kernel)]`` the convolution multiplies.
 

@@ -47,6 +47,7 @@ from dpjax.fast_clipping.batch_axes import (
     Rows,
     State,
     analyze,
+    gather_output_axes,
     output_states,
 )
 from dpjax.models.check import BatchMixingError
@@ -69,7 +70,7 @@ class Use:
     layout: Any  # a layouts.*Layout (fast-capable) or None
     leaf: int | None  # the leaf P is a reshape of (fast-capable), else None
     chain: tuple[prog.Op, ...]  # structural operations from that leaf to P
-    peel: prog.Op | None  # the broadcast_in_dim looked through (generic)
+    slice_axis: int | None  # P is uniform along this full-size batch axis: use its first slice
     generic: bool
     reason: str  # why there is no rule ("" when there is one)
 
@@ -88,6 +89,11 @@ class LeafPlan:
     kind: str  # dense / conv / embed for fast leaves, else ""
     reason: str  # why a leaf falls back to vmap
     uses: tuple[Use, ...]
+
+    @property
+    def positions(self) -> int:
+        """T of a fast leaf: its uses' positions, stacked."""
+        return sum(u.layout.positions for u in self.uses)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -113,8 +119,7 @@ class Plan:
         for lp in self.leaves:
             if lp.how == FAST:
                 _, k, f = lp.uses[0].layout.nkf
-                t = sum(u.layout.positions for u in lp.uses)
-                out[lp.name] = f"{lp.kind}: {norms.branch(t, k, f)}"
+                out[lp.name] = f"{lp.kind}: {norms.branch(lp.positions, k, f)}"
             elif lp.how == MATERIALIZED:
                 out[lp.name] = "per-example: " + ", ".join(sorted({u.op.name for u in lp.uses}))
             elif lp.how == VMAP:
@@ -226,32 +231,68 @@ def _use(program, states, leaf_of, op: prog.Op, pos: int, ins: list[State]) -> U
         generic = op.name == "gather" and pos == 0
     elif layout is not None:
         generic = True
-    target, peel = var, None
+    target, slice_axis = var, None
     if op.name in ALIGNED:
-        target, peel, reason = _aligned_target(program, op, pos, out)
+        slice_axis, reason = _aligned_slice(program, op, pos, out)
         generic = not reason
     elif layout is None and not generic and not reason:
         reason = f"used by {op.name}, which has no per-example rule"
     chain = _chain(program, var, leaf_of) if layout is not None else None
     leaf, chain_ops = (chain if chain is not None else (None, ()))
-    return Use(op, pos, target, leaves, layout, leaf, chain_ops, peel, generic, reason)
+    return Use(op, pos, target, leaves, layout, leaf, chain_ops, slice_axis, generic, reason)
 
 
-def _aligned_target(program, op: prog.Op, pos: int, out: Rows):
-    """For operations whose operands line up with the output: P, or the broadcast it came from."""
-    var = op.ins[pos]
-    shape = program.shape(var)
+def _aligned_slice(program, op: prog.Op, pos: int, out: Rows) -> tuple[int | None, str]:
+    """For operations whose operands line up with the output: how P is taken per example.
+
+    ``(None, "")``: P is the same for every example (a scalar, or size 1 along the
+    batch axis). ``(axis, "")``: P has the batch axis's size but is uniform along
+    it (a broadcast bias, a positional table looked up at ``arange``): each
+    example uses its first slice. Otherwise no rule.
+    """
+    shape = program.shape(op.ins[pos])
     if len(shape) == 0 or shape[out.axis] == 1:
-        return var, None, ""
+        return None, ""
+    if out.axis in uniform_axes(program, op.ins[pos], {}):
+        return out.axis, ""
+    return None, f"{op.name}: a parameter-derived operand varies along the batch axis"
+
+
+def uniform_axes(program: prog.Program, var, memo: dict) -> frozenset[int]:
+    """Axes along which a batch-independent value is provably constant (broadcasts, iota)."""
+    if isinstance(var, prog.Lit):
+        return frozenset(range(len(program.shape(var))))
+    if var in memo:
+        return memo[var]
+    shape = program.shape(var)
+    found = {d for d, n in enumerate(shape) if n == 1}
     producer = program.producer.get(var)
     if producer is not None:
-        bcast = program.ops[producer]
-        if bcast.name == "broadcast_in_dim" and len(bcast.ins) == 1:
-            dims = [int(d) for d in bcast.params["broadcast_dimensions"]]
-            src = program.shape(bcast.ins[0])
-            if out.axis not in dims or src[dims.index(out.axis)] == 1:
-                return bcast.ins[0], bcast, ""
-    return var, None, f"{op.name}: a parameter-derived operand varies along the batch axis"
+        op = program.ops[producer]
+        p = op.params
+        if op.name == "broadcast_in_dim":
+            dims = [int(d) for d in p["broadcast_dimensions"]]
+            src = uniform_axes(program, op.ins[0], memo)
+            found |= {d for d in range(len(shape)) if d not in dims} | {dims[j] for j in src}
+        elif op.name == "iota":
+            found |= set(range(len(shape))) - {int(p["dimension"])}
+        elif op.name in ELEMENTWISE and len(op.outs) == 1:
+            found |= set(range(len(shape))).intersection(*(
+                uniform_axes(program, a, memo) if len(program.shape(a)) == len(shape)
+                else range(len(shape)) for a in op.ins))
+        elif op.name == "transpose":
+            perm = list(p["permutation"])
+            found |= {perm.index(d) for d in uniform_axes(program, op.ins[0], memo)}
+        elif op.name == "gather":
+            operand, indices = (program.shape(a) for a in op.ins)
+            batch_out, window_out = gather_output_axes(p["dimension_numbers"], len(operand),
+                                                       len(indices))
+            idx = uniform_axes(program, op.ins[1], memo)
+            found |= {batch_out[j] for j in idx if j < len(batch_out)}
+            found |= {window_out[d] for d in uniform_axes(program, op.ins[0], memo)
+                      if d in window_out and p["slice_sizes"][d] == operand[d]}
+    memo[var] = frozenset(found)
+    return memo[var]
 
 
 def _chain(program: prog.Program, var, leaf_of: dict[int, int]):
