@@ -1,43 +1,64 @@
-"""Benchmarks one DP-SGD step: non-private vs vmap clipping vs fast clipping.
+"""Benchmarks one DP-SGD step: non-private vs vmap clipping vs fast clipping, three frameworks.
 
 Prints one table: median time of a full jitted optimizer step (SGD, donated
-state) for each model and path, the DP / non-private ratio, and XLA's compiled
-memory estimate (arguments + outputs + temporaries - aliased) of that step. The
+state) for each model, framework (Flax Linen, Flax NNX, Equinox) and path, the
+DP / non-private ratio, and XLA's compiled memory estimate (arguments +
+outputs + temporaries - aliased) of the step and of its gradient part. The
 paths are timed interleaved, round by round, so drift in machine load hits all
 of them alike. Then the MLP at B=1024 memory comparison, and, when installed,
 Opacus (ghost clipping, CPU torch) and jax-privacy (vmap clipping) step times.
 
-    python scripts/bench_clipping.py [--rounds 15] [--quick]
+Paths: ``fast DP`` is the default fast path (book-keeping, one backward pass);
+``fast DP 2-pass`` its memory-lean mode (norms from one backward pass, the sum
+from a second), assembled here from ``fast_clipping.make_chunk(two_pass=True)``
+and the library's noise and update, as ``make_dp_step`` does for the others.
+
+    python scripts/bench_clipping.py [--rounds 15] [--quick] [--frameworks linen nnx equinox]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import equinox as eqx  # noqa: E402
 import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from flax import nnx  # noqa: E402
 
+from dpjax import privatize  # noqa: E402
+from dpjax.clip_math import per_example_grads  # noqa: E402
+from dpjax.clipping import clip_and_sum  # noqa: E402
+from dpjax.fast_clipping import make_chunk  # noqa: E402
 from dpjax.models.nets import DPCNN, MLP  # noqa: E402
 from dpjax.train import (  # noqa: E402
     cross_entropy_loss,
     init_state,
+    make_apply,
     make_dp_step,
     make_nonprivate_step,
+    noise_key,
 )
 
-PATHS = ("non-private", "vmap DP", "fast DP")
+PATHS = ("non-private", "vmap DP", "fast DP", "fast DP 2-pass")
+FRAMEWORKS = ("linen", "nnx", "equinox")
 LEARNING_RATE = 0.05
+DP = dict(noise_multiplier=1.0, l2_clip_norm=1.0)
+
+
+# --- Flax Linen ------------------------------------------------------------------------------
 
 
 class TransformerBlock(nn.Module):
@@ -70,39 +91,221 @@ class Transformer(nn.Module):
         return nn.Dense(self.num_classes)(jnp.mean(nn.LayerNorm()(x), axis=1))
 
 
+def _linen(kind: str, x):
+    model = {"mlp": MLP(), "cnn": DPCNN(), "transformer": Transformer()}[kind]
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x[:1])["params"]
+    return cross_entropy_loss(model.apply), params
+
+
+# --- Flax NNX --------------------------------------------------------------------------------
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([nnx.Linear(784, 512, rngs=rngs),
+                                nnx.Linear(512, 512, rngs=rngs), nnx.Linear(512, 10, rngs=rngs)])
+
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class NnxDPCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(1, 16, (8, 8), strides=2, padding="SAME", rngs=rngs)
+        self.c2 = nnx.Conv(16, 32, (4, 4), strides=2, padding="VALID", rngs=rngs)
+        self.l1 = nnx.Linear(32 * 4 * 4, 32, rngs=rngs)
+        self.l2 = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nn.max_pool(jnp.tanh(self.c1(x)), (2, 2), strides=(1, 1))
+        x = nn.max_pool(jnp.tanh(self.c2(x)), (2, 2), strides=(1, 1))
+        return self.l2(jnp.tanh(self.l1(x.reshape((x.shape[0], -1)))))
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, d, heads, rngs):
+        self.ln1, self.ln2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=d, decode=False,
+                                           rngs=rngs)
+        self.up, self.down = nnx.Linear(d, 4 * d, rngs=rngs), nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+
+
+class NnxTransformer(nnx.Module):
+    def __init__(self, rngs, vocab=256, length=64, d=128, heads=4, layers=2):
+        self.tokens = nnx.Embed(vocab, d, rngs=rngs)
+        self.positions = nnx.Embed(length, d, rngs=rngs)
+        self.blocks = nnx.List([NnxBlock(d, heads, rngs) for _ in range(layers)])
+        self.norm, self.head = nnx.LayerNorm(d, rngs=rngs), nnx.Linear(d, 10, rngs=rngs)
+
+    def __call__(self, ids):
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        x = self.tokens(ids) + self.positions(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(jnp.mean(self.norm(x), axis=1))
+
+
+def _nnx(kind: str, x):
+    cls = {"mlp": NnxMLP, "cnn": NnxDPCNN, "transformer": NnxTransformer}[kind]
+    graphdef, state = nnx.split(nnx.jit(lambda: cls(nnx.Rngs(1)))(), nnx.Param)
+
+    def loss_fn(state, batch):
+        x, y = batch
+        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, state)(x), y)
+
+    return loss_fn, state
+
+
+# --- Equinox (models of one example, vmapped in the loss) ------------------------------------
+
+
+class EqxDPCNN(eqx.Module):
+    c1: eqx.nn.Conv2d
+    c2: eqx.nn.Conv2d
+    l1: eqx.nn.Linear
+    l2: eqx.nn.Linear
+    pool: eqx.nn.MaxPool2d
+
+    def __init__(self, key):
+        k = jax.random.split(key, 4)
+        self.c1 = eqx.nn.Conv2d(1, 16, 8, stride=2, padding=3, key=k[0])
+        self.c2 = eqx.nn.Conv2d(16, 32, 4, stride=2, key=k[1])
+        self.l1, self.l2 = eqx.nn.Linear(512, 32, key=k[2]), eqx.nn.Linear(32, 10, key=k[3])
+        self.pool = eqx.nn.MaxPool2d(2, 1)
+
+    def __call__(self, x):  # [H, W, 1]
+        x = self.pool(jnp.tanh(self.c1(jnp.moveaxis(x, -1, 0))))
+        x = self.pool(jnp.tanh(self.c2(x)))
+        return self.l2(jnp.tanh(self.l1(x.reshape(-1))))
+
+
+class EqxBlock(eqx.Module):
+    ln1: eqx.nn.LayerNorm
+    ln2: eqx.nn.LayerNorm
+    attn: eqx.nn.MultiheadAttention
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+
+    def __init__(self, d, heads, key):
+        k = jax.random.split(key, 3)
+        self.ln1, self.ln2 = eqx.nn.LayerNorm(d), eqx.nn.LayerNorm(d)
+        self.attn = eqx.nn.MultiheadAttention(heads, d, key=k[0])
+        self.up, self.down = eqx.nn.Linear(d, 4 * d, key=k[1]), eqx.nn.Linear(4 * d, d, key=k[2])
+
+    def __call__(self, x):  # [T, d]
+        h = jax.vmap(self.ln1)(x)
+        x = x + self.attn(h, h, h)
+        return x + jax.vmap(self.down)(jax.nn.gelu(jax.vmap(self.up)(jax.vmap(self.ln2)(x))))
+
+
+class EqxTransformer(eqx.Module):
+    tokens: eqx.nn.Embedding
+    positions: eqx.nn.Embedding
+    blocks: list
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, key, vocab=256, length=64, d=128, heads=4, layers=2):
+        k = jax.random.split(key, layers + 3)
+        self.tokens, self.positions = eqx.nn.Embedding(vocab, d, key=k[0]), eqx.nn.Embedding(
+            length, d, key=k[1])
+        self.blocks = [EqxBlock(d, heads, k[3 + i]) for i in range(layers)]
+        self.norm, self.head = eqx.nn.LayerNorm(d), eqx.nn.Linear(d, 10, key=k[2])
+
+    def __call__(self, ids):  # [T]
+        x = jax.vmap(self.tokens)(ids) + jax.vmap(self.positions)(jnp.arange(ids.shape[0]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(jnp.mean(jax.vmap(self.norm)(x), axis=0))
+
+
+def _equinox(kind: str, x):
+    def make(key):
+        if kind == "mlp":
+            mlp = eqx.nn.MLP(784, 10, 512, 2, activation=jax.nn.relu, key=key)
+            return eqx.nn.Sequential([eqx.nn.Lambda(lambda v: v.reshape(-1)), mlp])
+        return {"cnn": EqxDPCNN, "transformer": EqxTransformer}[kind](key)
+
+    params, static = eqx.partition(eqx.filter_jit(make)(jax.random.PRNGKey(1)), eqx.is_array)
+
+    def loss_fn(params, batch):
+        x, y = batch
+        logits = jax.vmap(eqx.combine(params, static))(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    return loss_fn, params
+
+
+BUILDERS = {"linen": _linen, "nnx": _nnx, "equinox": _equinox}
+
+
 def workloads(quick: bool):
-    """(name, model, batch) triples at the sizes of issue 4."""
-    key = jax.random.PRNGKey(0)
-    k1, k2 = jax.random.split(key)
+    """(name, kind, batch) triples at the sizes of issue 4."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     b = 32 if quick else 256
     images = jax.random.normal(k1, (b, 28, 28, 1))
     labels = jax.random.randint(k2, (b,), 0, 10)
     tb = 8 if quick else 64
     tokens = jax.random.randint(k1, (tb, 64), 0, 256)
     return [
-        (f"MLP 784-512-512-10, B={b}", MLP(), (images, labels)),
-        (f"DP CNN 28x28x1, B={b}", DPCNN(), (images, labels)),
-        (f"Transformer 2x128, T=64, B={tb}", Transformer(), (tokens, labels[:tb])),
+        (f"MLP 784-512-512-10, B={b}", "mlp", (images, labels)),
+        (f"DP CNN 28x28x1, B={b}", "cnn", (images, labels)),
+        (f"Transformer 2x128, T=64, B={tb}", "transformer", (tokens, labels[:tb])),
     ]
 
 
-def make_steps(model, batch):
-    params = model.init(jax.random.PRNGKey(1), batch[0][:1])["params"]
-    loss_fn = cross_entropy_loss(model.apply)
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """The two jitted functions the benchmark times: a whole step and its gradient part."""
+
+    step: Callable
+    clipped_sum: Callable
+
+
+def two_pass_step(loss_fn, opt, b: int) -> Step:
+    """The DP step with the fast path's memory-lean mode, assembled like ``make_dp_step``."""
+    c = DP["l2_clip_norm"]
+
+    def vmap_chunk(params, batch, mask):
+        return clip_and_sum(per_example_grads(loss_fn, params, batch), mask, c)
+
+    chunk = make_chunk(loss_fn, l2_clip_norm=c, method="fast", fallback=vmap_chunk, two_pass=True)
+
+    def gradient(state, summed):
+        return privatize(summed, noise_key(state), expected_batch_size=float(b), **DP)
+
+    apply = make_apply(gradient, opt)
+
+    def step(state, batch, mask):
+        summed, norms = chunk(state.params, batch, mask)
+        return apply(state, summed), norms
+
+    return Step(jax.jit(step, donate_argnums=0), jax.jit(chunk))
+
+
+def make_steps(loss_fn, params, batch):
     opt = optax.sgd(LEARNING_RATE)
     b = batch[1].shape[0]
-    dp = dict(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=float(b))
+    dp = dict(**DP, expected_batch_size=float(b))
     steps = {
         "non-private": make_nonprivate_step(loss_fn, opt),
         "vmap DP": make_dp_step(loss_fn, opt, clipping_method="vmap", **dp),
         "fast DP": make_dp_step(loss_fn, opt, clipping_method="fast", **dp),
+        "fast DP 2-pass": two_pass_step(loss_fn, opt, b),
     }
     return steps, params, opt
 
 
-def peak_bytes(step_fn, state, batch, mask) -> int:
+def peak_bytes(step_fn, *args) -> int:
     """XLA's estimate of the step's live memory: arguments + outputs + temporaries - aliased."""
-    m = step_fn.lower(state, batch, mask).compile().memory_analysis()
+    m = step_fn.lower(*args).compile().memory_analysis()
     return (
         m.argument_size_in_bytes
         + m.output_size_in_bytes
@@ -117,7 +320,7 @@ def time_paths(steps, params, opt, batch, rounds: int) -> dict[str, tuple[float,
     states = {p: init_state(params, opt, seed=0) for p in steps}
     for p, s in steps.items():  # compile + warm up
         for _ in range(2):
-            states[p], stats = s.step(states[p], batch, mask)
+            states[p], _ = s.step(states[p], batch, mask)
             jax.block_until_ready(s.clipped_sum(states[p].params, batch, mask))
         jax.block_until_ready(states[p])
     times: dict[str, list[float]] = {p: [] for p in steps}
@@ -144,16 +347,14 @@ def memories(steps, params, opt, batch) -> dict[str, tuple[int, int]]:
     }
 
 
-def jax_privacy_step_time(model, batch, rounds: int) -> float | None:
+def jax_privacy_step_time(loss_fn, params, batch, rounds: int) -> float | None:
     """A DP-SGD step with ``jax_privacy.clipping.clipped_grad`` (vmap), Gaussian noise, SGD."""
     if importlib.util.find_spec("jax_privacy") is None:
         return None
     from jax_privacy import clipping as jp_clipping  # noqa: PLC0415
 
-    params = model.init(jax.random.PRNGKey(1), batch[0][:1])["params"]
-    loss = cross_entropy_loss(model.apply)
     grad_fn = jp_clipping.clipped_grad(
-        lambda p, x, y: loss(p, (x, y))[0], l2_clip_norm=1.0, batch_argnums=(1, 2)
+        lambda p, x, y: loss_fn(p, (x, y))[0], l2_clip_norm=1.0, batch_argnums=(1, 2)
     )
     opt = optax.sgd(LEARNING_RATE)
     b = batch[1].shape[0]
@@ -179,7 +380,7 @@ def jax_privacy_step_time(model, batch, rounds: int) -> float | None:
     return statistics.median(times[2:])
 
 
-def opacus_step_time(name: str, batch, rounds: int) -> float | None:
+def opacus_step_time(kind: str, batch, rounds: int) -> float | None:
     """Opacus 'ghost' clipping (two backward passes) on the same MLP / CNN in CPU torch."""
     if importlib.util.find_spec("opacus") is None or importlib.util.find_spec("torch") is None:
         return None
@@ -190,12 +391,12 @@ def opacus_step_time(name: str, batch, rounds: int) -> float | None:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     tnn = torch.nn
-    if name.startswith("MLP"):
+    if kind == "mlp":
         model = tnn.Sequential(
             tnn.Flatten(), tnn.Linear(784, 512), tnn.ReLU(), tnn.Linear(512, 512), tnn.ReLU(),
             tnn.Linear(512, 10),
         )  # fmt: skip
-    elif name.startswith("DP CNN"):
+    elif kind == "cnn":
         model = tnn.Sequential(
             tnn.Conv2d(1, 16, 8, 2, padding=3), tnn.Tanh(), tnn.MaxPool2d(2, 1),
             tnn.Conv2d(16, 32, 4, 2), tnn.Tanh(), tnn.MaxPool2d(2, 1), tnn.Flatten(),
@@ -233,63 +434,73 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:8.1f}"
 
 
+def _header(rounds: int) -> str:
+    return (
+        f"# {datetime.date.today()}  {platform.machine()} CPU x{os.cpu_count()}  "
+        f"jax {jax.__version__}  flax {flax.__version__}  equinox {eqx.__version__}  "
+        f"optax {optax.__version__}  median of {rounds} interleaved steps\n"
+        "# step = whole jitted DP-SGD step (clipped sum + Gaussian noise + SGD update); "
+        "grad = the clipped sum alone (non-private: the plain gradient sum)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small batches (a smoke test)")
+    parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     args = parser.parse_args()
 
-    print(
-        f"# {datetime.date.today()}  {platform.machine()} CPU x{os.cpu_count()}  "
-        f"jax {jax.__version__}  flax {flax.__version__}  optax {optax.__version__}  "
-        f"median of {args.rounds} interleaved steps"
-    )
-    print(
-        "# step = whole jitted DP-SGD step (clipped sum + Gaussian noise + SGD update); "
-        "grad = the clipped sum alone (non-private: the plain gradient sum)"
-    )
+    print(_header(args.rounds))
     head = (
-        f"| {'model':34} | {'path':12} | step ms | x non-private | grad ms | x non-private "
-        "| step MiB | grad MiB |"
+        f"| {'model':32} | {'framework':9} | {'path':14} | step ms | x non-private | grad ms "
+        "| x non-private | step MiB | grad MiB |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for name, model, batch in workloads(args.quick):
-        steps, params, opt = make_steps(model, batch)
-        t = time_paths(steps, params, opt, batch, args.rounds)
-        mem = memories(steps, params, opt, batch)
-        for p in PATHS:
-            (step, grad), (step_mem, grad_mem) = t[p], mem[p]
-            print(
-                f"| {name:34} | {p:12} | {1e3 * step:7.1f} | {step / t['non-private'][0]:13.2f} "
-                f"| {1e3 * grad:7.1f} | {grad / t['non-private'][1]:13.2f} "
-                f"| {_mib(step_mem)} | {_mib(grad_mem)} |"
+    for name, kind, batch in workloads(args.quick):
+        for framework in args.frameworks:
+            loss_fn, params = BUILDERS[framework](kind, batch[0])
+            steps, params, opt = make_steps(loss_fn, params, batch)
+            t = time_paths(steps, params, opt, batch, args.rounds)
+            mem = memories(steps, params, opt, batch)
+            for p in PATHS:
+                (step, grad), (step_mem, grad_mem) = t[p], mem[p]
+                print(
+                    f"| {name:32} | {framework:9} | {p:14} | {1e3 * step:7.1f} "
+                    f"| {step / t['non-private'][0]:13.2f} | {1e3 * grad:7.1f} "
+                    f"| {grad / t['non-private'][1]:13.2f} | {_mib(step_mem)} | {_mib(grad_mem)} |",
+                    flush=True,
+                )
+            if framework != "linen":
+                continue
+            others = (
+                ("opacus ghost", opacus_step_time(kind, batch, max(5, args.rounds // 3))),
+                ("jax-privacy",
+                 jax_privacy_step_time(loss_fn, params, batch, max(3, args.rounds // 3))),
             )
-        others = (
-            ("opacus ghost", opacus_step_time(name, batch, max(5, args.rounds // 3))),
-            ("jax-privacy", jax_privacy_step_time(model, batch, max(3, args.rounds // 3))),
-        )
-        for label, s in others:
-            cells = (
-                ("n/a", "") if s is None else (f"{1e3 * s:.1f}", f"{s / t['non-private'][0]:.2f}")
-            )
-            print(f"| {name:34} | {label:12} | {cells[0]:>7} | {cells[1]:>13} |{' |' * 4}")
+            for label, s in others:
+                cells = (("n/a", "") if s is None
+                         else (f"{1e3 * s:.1f}", f"{s / t['non-private'][0]:.2f}"))
+                print(f"| {name:32} | {'torch' if 'opacus' in label else 'jax':9} "
+                      f"| {label:14} | {cells[0]:>7} | {cells[1]:>13} |{' |' * 4}")
 
     b = 64 if args.quick else 1024
     images = jax.random.normal(jax.random.PRNGKey(0), (b, 28, 28, 1))
     batch = (images, jnp.zeros((b,), jnp.int32))
-    steps, params, opt = make_steps(MLP(), batch)
-    mem = memories(steps, params, opt, batch)
     print(f"\nMLP 784-512-512-10 at B={b}, XLA peak estimate (arguments + outputs + temporaries):")
-    for p in PATHS:
-        (step, grad), (step0, grad0) = mem[p], mem["non-private"]
-        print(
-            f"  {p:11} whole step {_mib(step)} MiB ({step / step0:.2f}x non-private), "
-            f"gradient part {_mib(grad)} MiB ({grad / grad0:.2f}x)"
-        )
+    for framework in args.frameworks:
+        steps, params, opt = make_steps(*BUILDERS[framework]("mlp", images), batch)
+        mem = memories(steps, params, opt, batch)
+        for p in PATHS:
+            (step, grad), (step0, grad0) = mem[p], mem["non-private"]
+            print(
+                f"  {framework:8} {p:14} whole step {_mib(step)} MiB ({step / step0:.2f}x "
+                f"non-private), gradient part {_mib(grad)} MiB ({grad / grad0:.2f}x)"
+            )
     for label, spec in (("opacus", "opacus"), ("jax-privacy", "jax_privacy")):
         if importlib.util.find_spec(spec) is None:
-            print(f"{label} is not installed: its column is n/a.")
+            print(f"{label} is not installed: its rows are n/a.")
 
 
 if __name__ == "__main__":

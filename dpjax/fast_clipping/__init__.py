@@ -1,28 +1,37 @@
-"""Fast per-example clipping: DP-SGD at about the cost of ordinary training.
+"""Fast per-example clipping for any JAX loss: DP-SGD at about the cost of ordinary training.
 
-Per-example gradient norms come from each layer's inputs and output gradients
-(ghost norms, per layer the cheaper of the ghost and the direct form), and the
-clipped sum from book-keeping (``A^T diag(f) G``), so no ``[B, |params|]``
-tensor is built. Layers without a rule, and parameters no layer owns, fall back
-to per-example gradients of just those parameters (``jax.vmap``).
+The loss is traced to its jaxpr; a symbolic analysis proves which values hold
+one row per example (:mod:`~dpjax.fast_clipping.batch_axes`) and finds where
+each parameter leaf meets the batch (:mod:`~dpjax.fast_clipping.plan`): dense
+and convolution kernels and embedding tables get ghost norms and book-keeping
+(no ``[B, |params|]`` tensor), biases and norm scales small per-example
+gradients, and anything else per-example gradients by ``jax.vmap`` of just
+those leaves. Works the same on Flax Linen, Flax NNX, Equinox and plain
+functions of a dict, since only the jaxpr is read.
 
 Entry point: :func:`make_chunk`, reached through
 ``dpjax.clipped_grad(..., method="fast" | "auto")``. See docs/fast_clipping.md.
 """
 
-from dpjax.fast_clipping.capture import Layer, Plan, capture, discover
-from dpjax.fast_clipping.core import describe, fast_clip_and_sum, make_chunk
-from dpjax.fast_clipping.rules import conv_patches, kind, use_ghost
+from dpjax.fast_clipping.batch_axes import Const, Mixed, Rows, analyze
+from dpjax.fast_clipping.core import capture, describe, fast_clip_and_sum, make_chunk
+from dpjax.fast_clipping.layouts import conv_patches
+from dpjax.fast_clipping.norms import RHO, use_ghost
+from dpjax.fast_clipping.plan import LeafPlan, Plan, discover
 
 __all__ = [
-    "Layer",
+    "RHO",
+    "Const",
+    "LeafPlan",
+    "Mixed",
     "Plan",
+    "Rows",
+    "analyze",
     "capture",
     "conv_patches",
     "describe",
     "discover",
     "fast_clip_and_sum",
-    "kind",
     "make_chunk",
     "use_ghost",
 ]
