@@ -7,7 +7,10 @@ float32 leaves in tree order) next to its epsilon and test accuracy. A change th
 alters numerics on purpose (a new noise draw, a new norm computation) re-pins these in
 a commit that says why; any other change must leave them as they are.
 
-Re-pinned so far: never.
+Re-pinned so far: ``fast`` once, by the jaxpr fast-clipping rewrite (issue 14): its norms
+are contractions and its ghost products a pairwise tree, which rounds differently; the
+re-pinned run's parameters are within 3e-8 of the ``vmap`` run's (largest |param| 0.29),
+with the same epsilon and test accuracy.
 """
 
 import hashlib
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = {  # name: (sha256 of the final float32 parameters, epsilon, test accuracy)
     "vmap": ("403eae126addf58e2847188c02e7cf20c8d4d823dc3547c319574ea5b4f63784",
              2.508371152230964, 0.2590529247910863),
-    "fast": ("4ea174e6e55e705645529e8547451ab931879f026506c966f08740ab436737ab",
+    "fast": ("e72cce34e33f12a6dde87a302f9da6214534b390aab508e9337774f1495f22bf",
              2.508371152230964, 0.2590529247910863),
     "secagg": ("50bb9dd54ec801460436c26994f55a5fb24722bdb8246fa9665139941c48ea6b",
                2.508371152230964, 0.2590529247910863),
