@@ -1,0 +1,224 @@
+"""Language-model runs end to end: the presets, LoRA's noise dimension, model.init_from,
+and fast clipping on the transformer (issue 15).
+
+Configs are composed with Hydra's compose API as ``dpjax-train`` does; runs are seeded
+(``dp.randomness=seeded``) so that they are reproducible. Besides ``lm_quick`` itself,
+the runs use a tiny transformer (1 layer, width 32, context 32) for a few steps:
+compilation dominates their time.
+"""
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDED = ["dp.randomness=seeded"]
+TINY = ["model.options.num_layers=1", "model.options.width=32", "model.options.num_heads=2",
+        "model.options.mlp_ratio=2", "dataset.options.context_length=32",
+        "train.batch_size=16", "train.eval_every=2", "train.log_every=2",
+        "train.eval_batch_size=64"]
+TINY_PRIVATE = ["dataset.options.num_records=200"]
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import dpjax.cli  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("config", overrides=[*SEEDED, *overrides]))
+
+
+def lora_size(width: int, mlp_width: int, rank: int, num_layers: int) -> int:
+    """Adapter parameters of a DecoderLM counted from its shapes: rank * (in + out) for
+    the query, key, value and output projections and the two MLP kernels of each block."""
+    per_block = 4 * rank * (width + width) + 2 * rank * (width + mlp_width)
+    return num_layers * per_block
+
+
+def read_checkpoint_params(run_dir: Path):
+    """The final parameters in a run's checkpoint, read with orbax directly."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
+    state = manager.restore(manager.latest_step(),
+                            args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    manager.close()
+    return state["params"]
+
+
+@pytest.mark.slow
+def test_lm_quick_trains_a_dp_lora_model_within_its_target_epsilon(tmp_path):
+    from dpjax.loop import run_training
+
+    cfg = compose(["experiment=lm_quick"])
+    summary = run_training(cfg, tmp_path)
+    assert summary["dataset"] == "private_text" and summary["model"] == "transformer"
+    assert summary["dp_enabled"] and summary["stopped_reason"] == "completed"
+    assert summary["steps"] == cfg.train.steps
+    assert summary["epsilon"] <= cfg.dp.target_epsilon == 8.0
+    assert summary["epsilon"] > 0.9 * cfg.dp.target_epsilon  # calibrated, not loose
+    bpb = summary["test_bits_per_byte"]
+    # better than a uniform guess over the 259 tokens: the adapters learned something
+    assert math.isfinite(bpb) and 0 < bpb < math.log2(259)
+    assert 0 < summary["test_accuracy"] < 1
+    assert summary["trainable"] == "lora"
+    assert summary["num_trainable_params"] == lora_size(64, 128, 4, 1)
+    assert summary["init_from"] is None
+    assert summary["generator_version"].startswith("faker==")
+
+
+def test_a_lora_dp_step_noises_the_adapters_only(tmp_path):
+    """Mask every row: the update is the noise alone (SGD, learning rate 1), on exactly
+    the adapter leaves; the frozen base is bit-identical after the step. The noise's
+    standard deviation over its d = 3,072 coordinates is sigma * C / B within 4
+    standard errors (relative standard error of a sample std: 1/sqrt(2d))."""
+    from dpjax.assembly import assemble
+
+    cfg = compose(["experiment=lm_quick", *TINY, *TINY_PRIVATE, "model.options.lora_rank=4",
+                   "dp.target_epsilon=null", "dp.noise_multiplier=1.5", "dp.l2_clip_norm=0.5",
+                   "optimizer=sgd", "optimizer.learning_rate=1.0"])
+    run, state = assemble(cfg, tmp_path)
+    d = lora_size(32, 64, 4, 1)
+    assert run.mechanism.num_params == d
+    flat = traverse_util.flatten_dict(state.params)
+    assert all(path[-1] in ("lora_a", "lora_b") for path in flat)
+    assert sum(v.size for v in flat.values()) == d
+
+    setup = run.task.lm
+    before_full = traverse_util.flatten_dict(jax.device_get(setup.full_params(state.params)))
+    before = jax.device_get(state.params)
+    b = run.physical_batch_size
+    batch = (jnp.asarray(run.task.x_train[:b]), jnp.asarray(run.task.y_train[:b]))
+    new, _ = run.step_fn.step(state, batch, jnp.zeros(b))
+    after_full = traverse_util.flatten_dict(jax.device_get(setup.full_params(new.params)))
+    for path, value in before_full.items():
+        if path[-1] not in ("lora_a", "lora_b"):
+            np.testing.assert_array_equal(after_full[path], value, err_msg=str(path))
+    flat_before = traverse_util.flatten_dict(before)
+    noise = np.concatenate([np.ravel(np.asarray(v) - np.asarray(flat_before[k])) for k, v in
+                            traverse_util.flatten_dict(jax.device_get(new.params)).items()])
+    assert noise.size == d
+    expected = 1.5 * 0.5 / cfg.train.batch_size
+    assert abs(noise.std() / expected - 1) < 4 / math.sqrt(2 * d)
+    assert abs(noise.mean()) < 4 * expected / math.sqrt(d)
+
+
+def _pretrain(out: Path) -> dict:
+    from dpjax.loop import run_training
+
+    return run_training(compose(["experiment=lm_pretrain", *TINY, "train.steps=2"]), out)
+
+
+@pytest.mark.slow
+def test_a_fine_tune_starts_from_its_source_and_records_it(tmp_path):
+    from dpjax.loop import run_training
+    from dpjax.task import build_task
+
+    source_dir = tmp_path / "pretrain"
+    source = _pretrain(source_dir)
+    assert not source["dp_enabled"] and source["corpus_hash"]
+    saved = traverse_util.flatten_dict(read_checkpoint_params(source_dir))
+
+    finetune = ["experiment=lm_dp_finetune", *TINY, *TINY_PRIVATE, "model.options.lora_rank=4",
+                f"model.init_from={source_dir}", "train.steps=2"]
+    task = build_task(compose(finetune))
+    start = traverse_util.flatten_dict(jax.device_get(task.lm.full_params(task.params)))
+    base = {k: v for k, v in start.items() if k[-1] not in ("lora_a", "lora_b")}
+    assert set(base) == set(saved)
+    for path, value in saved.items():
+        np.testing.assert_array_equal(base[path], np.asarray(value), err_msg=str(path))
+    for path, value in start.items():
+        if path[-1] == "lora_b":  # fresh adapters: the start computes the source's function
+            assert not np.any(value)
+
+    summary = run_training(compose(finetune), tmp_path / "finetune")
+    assert summary["init_from"] == str(source_dir)
+    assert summary["init_from_dataset"] == "pydoc_text"
+    assert summary["init_from_dp_enabled"] is False
+    assert summary["init_from_epsilon"] is None
+    assert summary["dp_enabled"] and math.isfinite(summary["test_bits_per_byte"])
+
+
+@pytest.mark.slow
+def test_a_dp_fine_tune_from_a_non_private_run_on_its_own_records_is_refused(tmp_path):
+    from dpjax.config import ConfigError
+    from dpjax.loop import run_training
+
+    source_dir = tmp_path / "leaky"
+    run_training(compose(["experiment=lm_nonprivate_finetune", *TINY, *TINY_PRIVATE,
+                          "train.steps=1"]), source_dir)
+    dp = ["experiment=lm_dp_finetune", *TINY, *TINY_PRIVATE, "model.options.lora_rank=4",
+          f"model.init_from={source_dir}", "train.steps=1"]
+    with pytest.raises(ConfigError, match="not to be trained on this run's private dataset"):
+        run_training(compose(dp), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "summary.json").exists()
+    # other private records (another corpus seed) are not the run's own: accepted
+    from dpjax.task import build_task
+
+    assert build_task(compose([*dp, "dataset.options.seed=1"])).lm.source.dataset == \
+        "private_text"
+
+
+# clip bounds between the rows' norms (seeded init, fixed rows): some rows clipped, some not
+CLIP = {"full": 4.0, "lora": 2.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_fast_clipping_equals_vmap_clipping_on_the_lm(trainable):
+    """Masked rows and short (padded) records; no leaf falls back to vmap.
+
+    LoRA's adapters take the direct branch: norms and sums agree to rtol 1e-5. The
+    full model's output head and embedding take the ghost branch, whose reported norm
+    adds the rounding bound of docs/fast_clipping.md ("Rounding error of the ghost
+    norm") when that bound is not negligible: never below the vmap norm, at most
+    1e-4 (the documented rho) above it; each row's clipped contribution then differs
+    by at most 1e-4 * C, so the sums differ by at most 1e-4 * C * (rows kept).
+    """
+    import dpjax
+    from dpjax import fast_clipping
+    from dpjax.data.text import EOS, PAD
+    from dpjax.task import build_task
+
+    rank = 4 if trainable == "lora" else 0
+    task = build_task(compose(["experiment=lm_quick", *TINY, *TINY_PRIVATE,
+                               f"model.options.lora_rank={rank}",
+                               f"model.options.trainable={trainable}"]))
+    tokens = np.array(task.x_train[:8])
+    lengths = np.array(task.y_train[:8])
+    for row, length in ((1, 3), (2, 9), (5, 1)):  # short records: BOS + a few bytes + EOS
+        tokens[row, length - 1] = EOS if length > 1 else tokens[row, 0]
+        tokens[row, length:] = PAD
+        lengths[row] = length
+    batch = (jnp.asarray(tokens), jnp.asarray(lengths))
+    mask = jnp.asarray([1, 1, 1, 0, 1, 1, 0, 1], jnp.float32)
+    assert fast_clipping.discover(task.loss_fn, task.params, batch).fallbacks() == {}
+    clip = CLIP[trainable]
+    vmap_sum, vmap_norms = dpjax.clipped_grad(task.loss_fn, l2_clip_norm=clip, method="vmap")(
+        task.params, batch, mask)
+    fast_sum, fast_norms = dpjax.clipped_grad(task.loss_fn, l2_clip_norm=clip, method="fast")(
+        task.params, batch, mask)
+    vmap_norms, fast_norms = np.asarray(vmap_norms), np.asarray(fast_norms)
+    kept = np.asarray(mask) > 0
+    assert np.sum(kept & (vmap_norms > clip)) >= 2 and np.sum(kept & (vmap_norms < clip)) >= 2
+    assert vmap_norms[5] == fast_norms[5] == 0  # a record of BOS alone predicts nothing
+    if trainable == "lora":
+        np.testing.assert_allclose(fast_norms, vmap_norms, rtol=1e-5)
+        for (path, f), v in zip(jax.tree_util.tree_leaves_with_path(fast_sum),
+                                jax.tree_util.tree_leaves(vmap_sum), strict=True):
+            np.testing.assert_allclose(f, v, rtol=1e-5, atol=1e-7, err_msg=str(path))
+    else:
+        assert np.all(fast_norms >= vmap_norms * (1 - 1e-6))
+        assert np.all(fast_norms <= vmap_norms * (1 + 1e-4))
+        diff = np.sqrt(sum(float(np.sum((np.asarray(f) - np.asarray(v)) ** 2)) for f, v in zip(
+            jax.tree_util.tree_leaves(fast_sum), jax.tree_util.tree_leaves(vmap_sum),
+            strict=True)))
+        assert diff <= 1e-4 * clip * kept.sum()
