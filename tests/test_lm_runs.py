@@ -75,6 +75,7 @@ def test_lm_quick_trains_a_dp_lora_model_within_its_target_epsilon(tmp_path):
     assert summary["generator_version"].startswith("faker==")
 
 
+@pytest.mark.slow
 def test_a_lora_dp_step_noises_the_adapters_only(tmp_path):
     """Mask every row: the update is the noise alone (SGD, learning rate 1), on exactly
     the adapter leaves; the frozen base is bit-identical after the step. The noise's
