@@ -79,7 +79,7 @@ def test_lm_quick_trains_a_dp_lora_model_within_its_target_epsilon(tmp_path):
 def test_a_lora_dp_step_noises_the_adapters_only(tmp_path):
     """Mask every row: the update is the noise alone (SGD, learning rate 1), on exactly
     the adapter leaves; the frozen base is bit-identical after the step. The noise's
-    standard deviation over its d = 3,072 coordinates is sigma * C / B within 4
+    standard deviation over its d = 1,792 coordinates is sigma * C / B within 4
     standard errors (relative standard error of a sample std: 1/sqrt(2d))."""
     from dpjax.assembly import assemble
 
