@@ -12,7 +12,10 @@
 # the canaries inserted (21 of ~1,620 training records) and reports the run's summary
 # (test_bits_per_byte) with the exposures, so bits per byte and exposure come from the same
 # models. Environment: SEEDS (audit.seed sweep, default 0,1,2), EPS (default 1,3,8),
-# OUT (default experiments/lm_privacy/results), BIN (default .venv/bin).
+# OUT (default experiments/lm_privacy/results), BIN (default .venv/bin), SOURCE (an
+# existing pre-training run to fine-tune from: skips pre-training and the no-fine-tuning
+# evaluation, e.g. to add seeds under OUT=<first OUT>/more; the table reads every
+# audit.json under the directory it is given).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEEDS=${SEEDS:-0,1,2}
@@ -31,10 +34,13 @@ if [ -n "${REDUCED:-}" ]; then
   AUDIT=(audit.secret_length=4)      # 10^4 PINs
 fi
 mkdir -p "$OUT"
-SOURCE="$(cd "$OUT" && pwd)/pretrain"
-"$BIN/dpjax-train" experiment=lm_pretrain "${MODEL[@]}" "${PRETRAIN[@]}" \
-  hydra.run.dir="$SOURCE"
-"$BIN/python" experiments/lm_privacy/no_finetune.py "$SOURCE" "$OUT/no_finetune.json" "${MODEL[@]}"
+if [ -z "${SOURCE:-}" ]; then
+  SOURCE="$(cd "$OUT" && pwd)/pretrain"
+  "$BIN/dpjax-train" experiment=lm_pretrain "${MODEL[@]}" "${PRETRAIN[@]}" \
+    hydra.run.dir="$SOURCE"
+  "$BIN/python" experiments/lm_privacy/no_finetune.py "$SOURCE" "$OUT/no_finetune.json" \
+    "${MODEL[@]}"
+fi
 COMMON=(audit=exposure "model.init_from=$SOURCE" "audit.seed=$SEEDS" "${MODEL[@]}"
         "${FINETUNE[@]}" "${AUDIT[@]}")
 "$BIN/dpjax-audit" -m experiment=lm_nonprivate_finetune "${COMMON[@]}" \
@@ -43,4 +49,4 @@ COMMON=(audit=exposure "model.init_from=$SOURCE" "audit.seed=$SEEDS" "${MODEL[@]
   hydra.sweep.dir="$OUT/dp_lora"
 "$BIN/dpjax-audit" -m experiment=lm_dp_finetune "${COMMON[@]}" "dp.target_epsilon=$EPS" \
   model.options.trainable=full model.options.lora_rank=0 hydra.sweep.dir="$OUT/dp_full"
-"$BIN/python" experiments/lm_privacy/table.py "$OUT"
+[ -f "$OUT/no_finetune.json" ] && "$BIN/python" experiments/lm_privacy/table.py "$OUT"
