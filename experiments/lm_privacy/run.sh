@@ -49,4 +49,6 @@ COMMON=(audit=exposure "model.init_from=$SOURCE" "audit.seed=$SEEDS" "${MODEL[@]
   hydra.sweep.dir="$OUT/dp_lora"
 "$BIN/dpjax-audit" -m experiment=lm_dp_finetune "${COMMON[@]}" "dp.target_epsilon=$EPS" \
   model.options.trainable=full model.options.lora_rank=0 hydra.sweep.dir="$OUT/dp_full"
-[ -f "$OUT/no_finetune.json" ] && "$BIN/python" experiments/lm_privacy/table.py "$OUT"
+if [ -f "$OUT/no_finetune.json" ]; then
+  "$BIN/python" experiments/lm_privacy/table.py "$OUT"
+fi
