@@ -5,6 +5,7 @@
     params   = the run's final checkpoint, merged with its frozen leaves
     exposure = measure_exposure(model, params, canaries)            per repetition count
     null     = exposure of the fresh (never inserted) canaries
+    at start = the inserted canaries' exposure under the run's starting parameters
 
 Exposure (Carlini et al. 2019, Sec. 4) measures memorization; it is not by
 itself an epsilon. A canary inserted once is one record, and the run's
@@ -116,11 +117,13 @@ def _run_config(cfg, canaries: dict[str, Any]) -> RunConfig:
     return RunConfig(**fields)
 
 
-def _final_params(run_cfg: RunConfig, run_dir: Path):
-    """The model of the finished run and its full parameters (trainable + frozen)."""
+def _start_and_final_params(run_cfg: RunConfig, run_dir: Path):
+    """The model of the finished run, and its full parameters (trainable + frozen) before
+    the first step and after the last."""
     trained, _, _ = checkpoint.read_params(run_dir / checkpoint.CHECKPOINT_DIR)
-    setup = build_lm_fields(run_cfg)["lm"]
-    return setup, setup.full_params(trained)
+    fields = build_lm_fields(run_cfg)
+    setup = fields["lm"]
+    return setup, setup.full_params(fields["params"]), setup.full_params(trained)
 
 
 def run_exposure_audit(cfg, out_dir: Path) -> dict[str, Any]:
@@ -134,9 +137,15 @@ def run_exposure_audit(cfg, out_dir: Path) -> dict[str, Any]:
     run_cfg = _run_config(cfg, spec)
     run_dir = Path(out_dir) / RUN_DIR
     summary = run_training(run_cfg, run_dir)
-    setup, params = _final_params(run_cfg, run_dir)
+    setup, start, params = _start_and_final_params(run_cfg, run_dir)
     report = measure_exposure(setup.model, params, setup.canaries, method=a.exposure_method,
                               num_references=a.num_references, seed=a.seed)
+    # The same canaries under the starting model: a pre-trained start can rank a secret
+    # high before seeing it (e.g. a round number); memorization is the change.
+    before = measure_exposure(setup.model, start,
+                              dataclasses.replace(setup.canaries, fresh=()),
+                              method=a.exposure_method, num_references=a.num_references,
+                              seed=a.seed)
 
     exposure = {str(r): [float(v) for v in values]
                 for r, values in sorted(report.by_repetitions.items())}
@@ -163,6 +172,8 @@ def run_exposure_audit(cfg, out_dir: Path) -> dict[str, Any]:
                  "the per-record guarantee does not cover."),
         "exposure": exposure,
         "exposure_mean": {r: float(np.mean(v)) for r, v in exposure.items()},
+        "exposure_at_start": {str(r): [float(v) for v in values]
+                              for r, values in sorted(before.by_repetitions.items())},
         "null": {
             "exposures": [float(v) for v in fresh],
             "mean": float(fresh.mean()),

@@ -83,6 +83,19 @@ def main(root: str) -> None:
             + " | ".join(mean_sd(exposures(runs, rep)) for rep in reps)
             + f" | {null_mean:.2f} [{low:.2f}, {high:.2f}] | "
             f"{max(r['audit']['epsilon_lower_bound'] for r in runs):.3g} |")
+    at_start = []
+    for key in order:
+        runs = [r for r in cells[key] if "exposure_at_start" in r["audit"]]
+        if runs:
+            at_start.append(f"| {key[0]} | {'' if math.isinf(key[1]) else f'{key[1]:g}'} | "
+                         + " | ".join(mean_sd([e for r in runs for e in
+                                               r["audit"]["exposure_at_start"].get(rep, [])])
+                                      for rep in reps) + " |")
+    if at_start:
+        lines += ["", "Exposure of the same inserted canaries under each run's starting "
+                  "parameters (before fine-tuning; mean over the audits that report it):", "",
+                  "| condition | target eps | " + " | ".join(f"{r}x at start" for r in reps)
+                  + " |", "|---|---:|" + "---:|" * len(reps), *at_start]
     lines += ["", "Targets of the issue:"] + targets(cells, base)
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)

@@ -59,6 +59,8 @@ def test_a_nonprivate_model_exposes_a_16_times_repeated_canary(tmp_path):
     assert "memorization" in result["note"]
     [exposure] = result["exposure"]["16"]
     assert exposure >= math.log2(1000) - 1
+    [at_start] = result["exposure_at_start"]["16"]  # the same canary before training
+    assert at_start < exposure
     null = result["null"]
     assert len(null["exposures"]) == 200
     assert exposure > null["range_95"][1]
