@@ -131,7 +131,11 @@ def run_exposure_audit(cfg, out_dir: Path) -> dict[str, Any]:
     ``audit.json``'s fields (see the module docstring)."""
     a = cfg.audit
     spec = canary_spec(cfg)
-    canaries = make_canaries(**spec)
+    try:
+        canaries = make_canaries(**spec)
+    except ValueError as err:
+        raise ConfigError(f"Expected audit.repetitions, canaries_per_repetition, num_fresh "
+                          f"and secret_length to give a valid set of canaries: {err}") from err
     check_config(cfg, canaries)
     delta = a.delta if a.delta is not None else cfg.dp.delta
     run_cfg = _run_config(cfg, spec)

@@ -117,6 +117,7 @@ def test_uniform_rank_range_covers_95_percent_of_ranks(space):
     (["dataset.options.context_length=16"], "fit in one context window"),
     (["dp=default", "audit.delta=0.001"], "to be null or dp.delta"),
     (["audit.secret_length=9"], "use 'extrapolate'"),
+    (["audit.secret_length=1", "audit.num_fresh=10"], "at most 10 canaries"),
 ])
 def test_the_audit_refuses_what_it_cannot_measure_before_training(overrides, match, tmp_path):
     from dpjax.audit.exposure_audit import run_exposure_audit
