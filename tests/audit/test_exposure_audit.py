@@ -10,15 +10,16 @@ import pytest
 from dpjax.audit.exposure_audit import epsilon_lower_bound, uniform_rank_range
 
 ROOT = Path(__file__).resolve().parents[2]
-# A 2-layer, width-32 model that memorizes within 200 non-private Adam steps of 32 rows
-# (96 bank messages + 16 canary copies, as tests/audit/test_exposure.py trains by hand).
+# A 2-layer, width-32 model that memorizes within 150 non-private Adam steps of 32 rows
+# (96 bank messages + 16 canary copies, context 48; tests/audit/test_exposure.py trains
+# a similar model by hand). The canary ranked first of 10^3 with audit.seed 3 and 5.
 MEMORIZING = ["audit=exposure", "dp=none", "dp.randomness=seeded", "dataset=private_text",
               "model=transformer", "dataset.options.num_records=120",
-              "dataset.options.kind=bank", "dataset.options.context_length=64",
+              "dataset.options.kind=bank", "dataset.options.context_length=48",
               "model.options.num_layers=2", "model.options.width=32",
               "model.options.num_heads=4", "model.options.mlp_ratio=2",
-              "optimizer=adam", "optimizer.learning_rate=0.003", "train.steps=200",
-              "train.batch_size=32", "train.eval_every=200", "train.log_every=100",
+              "optimizer=adam", "optimizer.learning_rate=0.004", "train.steps=150",
+              "train.batch_size=32", "train.eval_every=150", "train.log_every=75",
               "train.eval_batch_size=64", "audit.seed=3", "audit.repetitions=[16]",
               "audit.secret_length=3", "audit.num_fresh=200"]
 
@@ -114,7 +115,7 @@ def test_uniform_rank_range_covers_95_percent_of_ranks(space):
 @pytest.mark.parametrize(("overrides", "match"), [
     (["dataset=pydoc_text"], "canaries go into a private training split"),
     (["+dataset.options.canaries={seed: 1}"], "audit's own audit"),
-    (["dataset.options.context_length=16"], "fit in one context window"),
+    (["dataset.options.context_length=24"], "fit in one context window"),
     (["dp=default", "audit.delta=0.001"], "to be null or dp.delta"),
     (["audit.secret_length=9"], "use 'extrapolate'"),
     (["audit.secret_length=1", "audit.num_fresh=10"], "at most 10 canaries"),
