@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast lint bench clean
+.PHONY: venv run test test-all test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,16 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_step.py
 
+# CI's suite: everything but the extended tier (tests/conftest.py), on two pytest workers.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 -m "not extended"
+
+# Every test, the extended tier included (about 45 minutes on 2 busy cores).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not extended"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,6 +27,8 @@ EXPECTED_SUMMARY = {
     "expected_batch_size", "num_train", "steps", "planned_steps", "accountant", "sampling",
     "clipping", "aggregation", "num_parties", "test_accuracy", "test_loss", "eval_split",
     "stopped_reason", "seed", "num_devices", "num_processes", "resumed_from", "status",
+    # distributed DP and user-level DP (issue 13): public choices and their parameters
+    "noise", "secagg_bits", "unit", "num_users", "distributed_dp",
 }
 
 

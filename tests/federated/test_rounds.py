@@ -141,13 +141,13 @@ def test_removing_one_user_moves_a_secagg_total_by_at_most_c_plus_the_rounding_s
     key = jax.random.PRNGKey(9)  # the same rounding draws in both worlds
     params = initial_params()
     partial, _ = party_sums(params, slots, jnp.ones(6))
-    full = _flat(finish(partial, round_masks, 1, key))
+    full = _flat(finish(partial, round_masks, 1, key, 0))
     d = NUM_FEATURES * NUM_CLASSES + NUM_CLASSES
     bound = 0.5 + np.sqrt(d) / aggregation.scale
     sizes = []
     for j in (0, 2, 4):
         partial, _ = party_sums(params, slots, jnp.ones(6).at[j].set(0.0))
-        sizes.append(np.linalg.norm(full - _flat(finish(partial, round_masks, 1, key))))
+        sizes.append(np.linalg.norm(full - _flat(finish(partial, round_masks, 1, key, 0))))
     assert max(sizes) <= bound and max(sizes) > 0.49
 
 

@@ -74,7 +74,10 @@ def test_skellam_fits_scipy(mu):
 
 @pytest.mark.parametrize(
     "lam",
-    [41.3, 1.0e6, pytest.param(0.7, marks=pytest.mark.slow)],  # 0.7: its own compile
+    [41.3, 1.0e6, pytest.param(0.7, marks=[pytest.mark.slow, pytest.mark.xfail(
+        strict=True, reason="known bug, 2026-11-29: at lam = 0.7 the sampler puts ~0.2% too "
+        "much mass on 0 (8M pooled draws: +4.0 sd at 0, -3.3 sd at 1; chi-square p = 9e-4 "
+        "at this key); reported for an issue; the fits at 41.3 and 1e6 pass")])],
 )
 def test_poisson_fits_scipy(lam):
     # 2 N draws: the shape of the Poisson pair inside skellam(N), so the compile is shared.
