@@ -28,16 +28,16 @@ import jax
 import jax.numpy as jnp
 
 import dpjax._validate as _validate
+import dpjax.fast_clipping.layouts as layouts
+import dpjax.fast_clipping.lean as lean
+import dpjax.fast_clipping.norms as norms
+import dpjax.fast_clipping.program as prog
 from dpjax.clip_math import (
     LossFn,
     group_factors,
     group_leaves,
     per_example_grads,
 )
-import dpjax.fast_clipping.layouts as layouts
-import dpjax.fast_clipping.lean as lean
-import dpjax.fast_clipping.norms as norms
-import dpjax.fast_clipping.program as prog
 from dpjax.fast_clipping.batch_axes import Rows
 from dpjax.fast_clipping.plan import (
     FAST,

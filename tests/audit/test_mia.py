@@ -171,7 +171,8 @@ def test_a_bad_mia_setting_names_the_key(override, message):
 
 def test_the_models_multirun_trains_the_audited_config_on_each_seed(tmp_path):
     cfg = _audit_config("dataset=digits", "model=mlp", "train.steps=7", "dp.l2_clip_norm=0.5",
-                        "audit.launcher=local", "audit.launcher_overrides=['hydra.launcher.n_jobs=4']")
+                        "audit.launcher=local",
+                        "audit.launcher_overrides=['hydra.launcher.n_jobs=4']")
     config = mia.models_config(cfg, tmp_path)
     assert config["defaults"] == ["run_schema", "_self_"] and "audit" not in config
     assert config["train"]["steps"] == 7 and config["dp"]["l2_clip_norm"] == 0.5
@@ -195,7 +196,8 @@ def test_the_models_multirun_trains_the_audited_config_on_each_seed(tmp_path):
 # sqrt((m + n + 1) / (12 m n)) = 0.019, so the DP bound 0.55 sits 2.6 standard errors above 0.5.
 DIGITS = ["dataset=digits", "model=mlp", "+dataset.options.test_fraction=0.5",
           "train.steps=300", "train.batch_size=64", "train.eval_every=300",
-          "train.log_every=300", "dp.randomness=seeded", "audit.shadow_models=4", "dp.clipping=fast"]
+          "train.log_every=300", "dp.randomness=seeded", "audit.shadow_models=4",
+          "dp.clipping=fast"]
 
 
 @pytest.fixture(scope="module")
