@@ -56,6 +56,17 @@ EXTENDED = {
     "tests/test_fast_clipping.py::test_fast_matches_vmap_with_per_layer_bounds": "30 s",
     "tests/test_distributed_dp.py::test_a_distributed_noise_run_reports_its_parameters_and_the"
     "_rdp_epsilon[ddgauss]": "15 s",
+    # step audit: CI audits vmap, fast, per-layer and fixed-size (replace-one); SecAgg,
+    # microbatch and multi-chunk share their clipped sum or noise with those paths
+    "tests/audit/test_step_audit.py::test_the_step_audit_is_consistent_sharp_and_flags_a_broken"
+    "_variant[secagg]": "149 s with 2 workers under load",
+    "tests/audit/test_step_audit.py::test_the_step_audit_is_consistent_sharp_and_flags_a_broken"
+    "_variant[microbatch]": "45 s",
+    "tests/audit/test_step_audit.py::test_the_step_audit_is_consistent_sharp_and_flags_a_broken"
+    "_variant[multi_chunk]": "43 s",
+    "tests/audit/test_exposure.py::test_canary_repeated_16_times_ranks_first": "128 s; CI runs "
+    "tests/audit/test_exposure_audit.py's 16-repeat canary through dpjax-audit",
+    "tests/secagg/test_ddp_params.py::test_wrap_bound_against_simulation[ddgauss]": "33 s",
 }
 
 

@@ -2,6 +2,7 @@ import pytest
 
 import dpjax.data
 from dpjax.data import DATASETS, load_dataset, loader_options
+from dpjax.data.registry import TEXT_DATASETS
 
 
 def test_registry_lists_every_dataset():
@@ -13,6 +14,9 @@ def test_registry_lists_every_dataset():
         "fashion_mnist",
         "cifar10",
         "npz",
+        "pydoc_text",
+        "private_text",
+        "text",
     )
 
 
@@ -47,9 +51,12 @@ def test_loader_options_reports_accepted_and_required():
     assert required == ("path",)
 
 
-def test_every_loader_takes_a_normalize_option():
+def test_every_array_loader_takes_a_normalize_option():
+    # The text corpora are bytes: nothing to normalize (their loaders refuse the option).
     for name in DATASETS:
-        assert "normalize" in loader_options(name)[0]
+        if name not in TEXT_DATASETS:
+            assert "normalize" in loader_options(name)[0]
+    assert set(TEXT_DATASETS) <= set(DATASETS)
 
 
 def test_public_names_are_exported():
