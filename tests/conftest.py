@@ -67,6 +67,32 @@ EXTENDED = {
     "tests/audit/test_exposure.py::test_canary_repeated_16_times_ranks_first": "128 s; CI runs "
     "tests/audit/test_exposure_audit.py's 16-repeat canary through dpjax-audit",
     "tests/secagg/test_ddp_params.py::test_wrap_bound_against_simulation[ddgauss]": "33 s",
+    # second cut (the first left `make test` at about 14 minutes on an idle machine);
+    # seconds with 2 workers under load
+    "tests/audit/test_audit_cli.py::test_a_consistent_audit": "2 CLI audits, 205 s; CI runs "
+    "the one-run audit through dpjax-audit",
+    "tests/audit/test_audit_cli.py::test_a_refuted_claim": "the same 2 CLI audits",
+    "tests/audit/test_audit_cli.py::test_the_report_shows_the_audits": "the same 2 CLI audits",
+    "tests/secagg/test_ddp.py::test_aggregator_sees_only_masked_inputs": "134 s",
+    "tests/audit/test_step_audit.py::test_the_step_audit_is_consistent_sharp_and_flags_a_broken"
+    "_variant[fast]": "43 s; the fast path's sum equals vmap's (tests/test_fast_clipping.py)",
+    "tests/audit/test_step_audit.py::test_the_step_audit_is_consistent_sharp_and_flags_a_broken"
+    "_variant[per_layer]": "44 s",
+    "tests/secagg/test_ddp_params.py::test_wrap_bound_against_simulation": "73 s",
+    "tests/federated/test_rounds.py::test_a_secagg_round_with_overflow": "40 s",
+    "tests/federated/test_rounds.py::test_dp_fedavg_learns_digits": "31 s",
+    "tests/federated/test_audit_fedavg.py::test_the_user_level_audit_is_consistent": "23 s",
+    "tests/federated/test_audit_fedavg.py::test_the_user_level_audit_flags_a_broken_variant"
+    "[clip]": "22 s",
+    "tests/test_aggregation.py::test_a_secagg_step_matches_the_plain_step_within_the"
+    "_quantization_bound[settings1]": "21 s",
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping"
+    "[nnx_transformer]": "25 s",
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping"
+    "[dpcnn]": "21 s",
+    "tests/test_distributed_dp.py::test_a_target_epsilon_calibrates": "21 s",
+    "tests/test_lm_runs.py::test_a_fine_tune_starts_from_its_source": "25 s",
+    "tests/test_lm_runs.py::test_fast_clipping_equals_vmap_clipping_on_the_lm": "40 s",
 }
 
 
