@@ -1,5 +1,8 @@
 """Shared fixtures: tiny models and batches with fixed seeds; the extended tier."""
 
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,16 @@ import pytest
 
 from dpjax.models import DPCNN, MLP
 from dpjax.train import cross_entropy_loss
+
+# One persistent XLA compilation cache for the test session, shared by the pytest-xdist
+# workers and inherited by the runs tests start as subprocesses: the same small programs
+# (the digits MLP's step, its evaluation) compile once instead of in every test. A cached
+# executable is the compiled program itself, so no result changes (the golden runs check).
+_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 # The extended tier: tests that `make test` (CI: 2 cores, 15 minutes for the whole suite)
 # leaves to `make test-all`. Each is either a second check of a property a CI test already
@@ -93,6 +106,27 @@ EXTENDED = {
     "tests/test_distributed_dp.py::test_a_target_epsilon_calibrates": "21 s",
     "tests/test_lm_runs.py::test_a_fine_tune_starts_from_its_source": "25 s",
     "tests/test_lm_runs.py::test_fast_clipping_equals_vmap_clipping_on_the_lm": "40 s",
+    # fast clipping parity: CI keeps the MLP, NNX CNN, Equinox MLP, tied, scan and feature
+    # norm models and every adversarial construction (seconds idle, 2 workers)
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping"
+    "[cnn1d]": "14 s",
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping"
+    "[custom]": "7 s",
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping"
+    "[mixed]": "6 s",
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping"
+    "[ensemble]": "5 s",
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping"
+    "[eqx_cnn]": "8 s",
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping"
+    "[nnx_mlp]": "6 s",
+    "tests/test_fast_clipping.py::test_fast_matches_vmap_at_batch_sizes_1_and_257[mlp-257]": "6 s",
+    "tests/test_fast_clipping_analysis.py::test_conv_patches_times_the_kernel_reproduce_the"
+    "_convolution[case1]": "5 s",
+    "tests/test_fast_clipping_analysis.py::test_conv_patches_times_the_kernel_reproduce_the"
+    "_convolution[case3]": "6 s",
+    "tests/test_fast_clipping.py::test_two_pass_mode_matches_the_reference_with_nonfinite_rows"
+    "[nnx_cnn]": "5 s",
 }
 
 
