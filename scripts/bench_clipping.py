@@ -46,7 +46,6 @@ from dpjax.models.nets import DPCNN, MLP  # noqa: E402
 from dpjax.train import (  # noqa: E402
     cross_entropy_loss,
     init_state,
-    make_apply,
     make_dp_step,
     make_nonprivate_step,
     noise_key,
@@ -269,6 +268,19 @@ class Step:
     clipped_sum: Callable
 
 
+def _apply(gradient, optimizer):
+    """``apply(state, summed) -> state``: ``gradient(state, summed)``, then the optax update
+    (the two-pass step is assembled here: ``clipped_grad`` does not expose the mode)."""
+
+    def apply(state, summed):
+        updates, opt_state = optimizer.update(gradient(state, summed), state.opt_state,
+                                              state.params)
+        return state.replace(params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state, step=state.step + 1)
+
+    return apply
+
+
 def two_pass_step(loss_fn, opt, b: int) -> Step:
     """The DP step with the fast path's memory-lean mode, assembled like ``make_dp_step``."""
     c = DP["l2_clip_norm"]
@@ -281,7 +293,7 @@ def two_pass_step(loss_fn, opt, b: int) -> Step:
     def gradient(state, summed):
         return privatize(summed, noise_key(state), expected_batch_size=float(b), **DP)
 
-    apply = make_apply(gradient, opt)
+    apply = _apply(gradient, opt)
 
     def step(state, batch, mask):
         summed, norms = chunk(state.params, batch, mask)
