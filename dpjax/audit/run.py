@@ -60,5 +60,10 @@ def verdict(result: dict[str, Any]) -> str:
             f"claimed {claim:.4g} at delta {result['delta']:g}")
     if result["consistent"]:
         return text + " | consistent"
-    return (text + f" | INCONSISTENT: the claim epsilon={claim:.4g} is refuted; the lower "
-            f"bound exceeds it by {lower - claim:.4g} ({100 * (lower / claim - 1):.1f}%)")
+    text += (f" | INCONSISTENT: the claim epsilon={claim:.4g} is refuted; the lower "
+             f"bound exceeds it by {lower - claim:.4g} ({100 * (lower / claim - 1):.1f}%)")
+    if "confidence" in result:
+        alpha = 1 - result["confidence"]
+        text += (f" (a correct mechanism does this with probability at most {alpha:.3g}; "
+                 f"on a second audit.seed as well, at most {alpha**2:.2g})")
+    return text
