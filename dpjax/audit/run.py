@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dpjax.config import AuditRunConfig, validate, validate_audit
+from dpjax.audit.config import AuditRunConfig, validate_audit
+from dpjax.config import validate
 
 AUDIT_FILE = "audit.json"
 # kind -> "module:function(cfg, out_dir) -> dict"
