@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20_000)
     parser.add_argument("--sim", type=int, default=1000, help="simulated seeds per sigma")
     parser.add_argument("--overrides", nargs="*", default=[])
+    parser.add_argument("--per-seed", action="store_true", help="a line per seed as it ends")
     args = parser.parse_args()
     print(f"# step_audit_seeds: {datetime.datetime.now():%Y-%m-%d %H:%M}, "
           f"{platform.machine()} x{jax.device_count()} {jax.devices()[0].platform}, "
@@ -100,6 +101,9 @@ def main() -> None:
             z.append((gap / pooled - mu) / se)
             signal.append(gap / scored.canary.get("clipped_norm", c))
             spread.append(pooled / (sigma * c))
+            if args.per_seed:
+                print(f"  sigma {sigma:g} seed {seed}: z {z[-1]:+.3f}, above {above95[-1]}, "
+                      f"{above99[-1]}", flush=True)
         seconds = (time.perf_counter() - start) / args.seeds
         z = np.asarray(z)
         sim95 = simulated_rate(mu, args.trials, args.sim, 0.95)
