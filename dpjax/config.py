@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 from dpjax.choices import (
@@ -182,100 +181,6 @@ class RunConfig:
     name: str = _off_trajectory("run")
 
 
-AUDIT_KINDS = ("step", "one_run", "mia", "exposure")
-CANARY_KINDS = ("input", "dirac")
-EXPOSURE_METHODS = ("enumerate", "extrapolate")
-
-
-@dataclasses.dataclass
-class AuditConfig:
-    """What ``dpjax-audit`` runs (``audit=step|one_run|mia|exposure``) and its sizes."""
-
-    kind: str = "step"
-    trials: int = 20_000  # releases per world (step audit)
-    num_canaries: int = 1000  # one-run audit
-    shadow_models: int = 16  # LiRA
-    seed: int = 0  # canary choice and trial noise (a secret drawn from it in seeded mode)
-    canary: str = "input"  # input | dirac (replace-one mechanisms always use dirac)
-    chunks: int = 1  # step audit: the physical batch split into this many chunks
-    confidence: float = 0.95
-    delta: float | None = None  # default: dp.delta
-    # mia: the hydra/launcher of the models' multirun (null: Hydra's basic launcher, the
-    # models in turn in one process; local: joblib; slurm; ...) and its hydra.launcher.* keys
-    launcher: str | None = None
-    launcher_overrides: list[str] = dataclasses.field(default_factory=list)
-    # exposure audit: canaries inserted into the private training split
-    repetitions: list[int] = dataclasses.field(default_factory=lambda: [1, 4, 16])
-    canaries_per_repetition: int = 1
-    num_fresh: int = 16  # never-inserted canaries: the null distribution
-    secret_length: int = 6  # digits: a candidate space of 10 ** secret_length
-    exposure_method: str = "enumerate"  # enumerate (exact ranks) | extrapolate (estimate)
-    num_references: int = 4096  # extrapolate: sampled candidates per canary
-
-
-@dataclasses.dataclass
-class AuditRunConfig(RunConfig):
-    """The schema of ``dpjax-audit``: a run's config plus the audit's."""
-
-    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
-
-
-def validate_audit(cfg: AuditRunConfig, num_train: int | None = None) -> None:
-    """The audit section's ranges (the run's are :func:`validate`'s)."""
-    a = cfg.audit
-    _check_choice("audit.kind", a.kind, AUDIT_KINDS)
-    _check_choice("audit.canary", a.canary, CANARY_KINDS)
-    _check_positive("audit.trials", a.trials, integer=True)
-    _check_positive("audit.num_canaries", a.num_canaries, integer=True)
-    _check_positive("audit.shadow_models", a.shadow_models, integer=True)
-    _check_positive("audit.chunks", a.chunks, integer=True)
-    if isinstance(a.seed, bool) or not isinstance(a.seed, int) or a.seed < 0:
-        _fail("audit.seed", a.seed, "to be an integer >= 0")
-    if not (_finite(a.confidence) and 0 < a.confidence < 1):
-        _fail("audit.confidence", a.confidence, "in (0, 1)")
-    if a.delta is not None and not (_finite(a.delta) and 0 < a.delta < 1):
-        _fail("audit.delta", a.delta, "in (0, 1)")
-    if a.kind == "one_run" and num_train is not None and 2 * a.num_canaries > num_train:
-        _fail("audit.num_canaries", a.num_canaries,
-              f"to be at most half the training set ({num_train // 2})")
-    if a.kind == "mia":
-        if a.shadow_models < 2:
-            _fail("audit.shadow_models", a.shadow_models, "to be >= 2 for audit=mia (LiRA fits "
-                  "a Gaussian to the shadows that did not train on each example)")
-        if cfg.train.subset_fraction is not None:
-            _fail("train.subset_fraction", cfg.train.subset_fraction, "to be null with "
-                  "audit=mia (the audit trains every model on a random half of the pool)")
-        if cfg.dp.enabled and a.delta is not None and a.delta != cfg.dp.delta:
-            _fail("audit.delta", a.delta, f"to be null or dp.delta={cfg.dp.delta!r} with "
-                  "audit=mia (the claim is the target run's epsilon at dp.delta)")
-        if a.launcher is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(a.launcher)):
-            _fail("audit.launcher", a.launcher, "to be null or a hydra/launcher config name "
-                  "(local, local_submitit, slurm, ...)")
-        for item in a.launcher_overrides:
-            if not (isinstance(item, str) and item.startswith("hydra.launcher.") and "=" in item):
-                _fail("audit.launcher_overrides", item, "to hold 'hydra.launcher.<key>=<value>' "
-                      "overrides only (anything else could make the models differ from the run)")
-    if a.kind == "exposure":
-        _validate_exposure(a)
-    if a.kind in ("step", "one_run") and not cfg.dp.enabled:
-        _fail("dp.enabled", cfg.dp.enabled, f"to be true for audit={a.kind} (it tests a DP "
-              "mechanism)")
-
-
-def _validate_exposure(a: AuditConfig) -> None:
-    reps = list(a.repetitions) if isinstance(a.repetitions, list | tuple) else None
-    if not reps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in reps):
-        _fail("audit.repetitions", a.repetitions, "to be a non-empty list of integers >= 1")
-    _check_positive("audit.canaries_per_repetition", a.canaries_per_repetition, integer=True)
-    if isinstance(a.num_fresh, bool) or not isinstance(a.num_fresh, int) or a.num_fresh < 2:
-        _fail("audit.num_fresh", a.num_fresh, "to be an integer >= 2 (the null distribution)")
-    _check_positive("audit.secret_length", a.secret_length, integer=True)
-    _check_choice("audit.exposure_method", a.exposure_method, EXPOSURE_METHODS)
-    if isinstance(a.num_references, bool) or not isinstance(a.num_references, int) or (
-            a.num_references < 3):
-        _fail("audit.num_references", a.num_references, "to be an integer >= 3")
-
-
 PERF_ALIASES = ("clipping", "microbatch_size", "physical_batch_size")
 
 
@@ -294,7 +199,7 @@ def perf(cfg: RunConfig) -> PerfConfig:
         if old is None:
             continue
         if new != getattr(defaults, name) and new != old:
-            _fail(f"dp.{name}", old, f"to equal perf.{name}={new!r} (dp.{name} is its older "
+            fail(f"dp.{name}", old, f"to equal perf.{name}={new!r} (dp.{name} is its older "
                                      "name; set one of them)")
         setattr(resolved, name, old)
     return resolved
@@ -315,25 +220,25 @@ def trajectory_fields(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _fail(key: str, value: Any, accepted: str) -> None:
+def fail(key: str, value: Any, accepted: str) -> None:
     raise ConfigError(f"Expected {key}={value!r} {accepted}.")
 
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_positive(key, value, *, allow_none=False, integer=False):
+def check_positive(key, value, *, allow_none=False, integer=False):
     if value is None and allow_none:
         return
-    ok = _finite(value) and value > 0 and (not integer or float(value).is_integer())
+    ok = finite(value) and value > 0 and (not integer or float(value).is_integer())
     if not ok:
-        _fail(key, value, "to be a positive integer" if integer else "to be finite and > 0")
+        fail(key, value, "to be a positive integer" if integer else "to be finite and > 0")
 
 
-def _check_choice(key, value, choices):
+def check_choice(key, value, choices):
     if value not in choices:
-        _fail(key, value, f"to be one of {list(choices)}")
+        fail(key, value, f"to be one of {list(choices)}")
 
 
 def validate(
@@ -341,144 +246,144 @@ def validate(
 ) -> None:
     """Checks every range and cross-key rule; raises :class:`ConfigError` on the first."""
     if datasets:
-        _check_choice("dataset.name", cfg.dataset.name, datasets)
+        check_choice("dataset.name", cfg.dataset.name, datasets)
     if models:
-        _check_choice("model.name", cfg.model.name, models)
+        check_choice("model.name", cfg.model.name, models)
 
     o = cfg.optimizer
-    _check_choice("optimizer.name", o.name, OPTIMIZERS)
-    _check_positive("optimizer.learning_rate", o.learning_rate)
+    check_choice("optimizer.name", o.name, OPTIMIZERS)
+    check_positive("optimizer.learning_rate", o.learning_rate)
     for key in ("momentum", "b1", "b2"):
         v = getattr(o, key)
-        if not (_finite(v) and 0 <= v < 1):
-            _fail(f"optimizer.{key}", v, "in [0, 1)")
-    if not (_finite(o.weight_decay) and o.weight_decay >= 0):
-        _fail("optimizer.weight_decay", o.weight_decay, "to be finite and >= 0")
+        if not (finite(v) and 0 <= v < 1):
+            fail(f"optimizer.{key}", v, "in [0, 1)")
+    if not (finite(o.weight_decay) and o.weight_decay >= 0):
+        fail("optimizer.weight_decay", o.weight_decay, "to be finite and >= 0")
 
     t = cfg.train
     if (t.steps is None) == (t.epochs is None):
-        _fail("train.steps", t.steps,
+        fail("train.steps", t.steps,
               f"or train.epochs={t.epochs!r} to be set, exactly one of them")
-    _check_positive("train.steps", t.steps, allow_none=True, integer=True)
-    _check_positive("train.epochs", t.epochs, allow_none=True)
-    _check_positive("train.batch_size", t.batch_size, integer=True)
-    _check_positive("train.eval_every", t.eval_every, integer=True)
-    _check_positive("train.log_every", t.log_every, integer=True)
-    _check_positive("train.eval_batch_size", t.eval_batch_size, integer=True)
-    _check_positive("train.checkpoint_every", t.checkpoint_every, allow_none=True, integer=True)
-    _check_choice("train.eval_split", t.eval_split, EVAL_SPLITS)
+    check_positive("train.steps", t.steps, allow_none=True, integer=True)
+    check_positive("train.epochs", t.epochs, allow_none=True)
+    check_positive("train.batch_size", t.batch_size, integer=True)
+    check_positive("train.eval_every", t.eval_every, integer=True)
+    check_positive("train.log_every", t.log_every, integer=True)
+    check_positive("train.eval_batch_size", t.eval_batch_size, integer=True)
+    check_positive("train.checkpoint_every", t.checkpoint_every, allow_none=True, integer=True)
+    check_choice("train.eval_split", t.eval_split, EVAL_SPLITS)
     if str(t.devices) != "all" and not (str(t.devices).isdigit() and int(t.devices) >= 1):
-        _fail("train.devices", t.devices, "to be 'all' or a positive integer")
-    if not (_finite(t.validation_fraction) and 0 < t.validation_fraction < 1):
-        _fail("train.validation_fraction", t.validation_fraction, "in (0, 1)")
+        fail("train.devices", t.devices, "to be 'all' or a positive integer")
+    if not (finite(t.validation_fraction) and 0 < t.validation_fraction < 1):
+        fail("train.validation_fraction", t.validation_fraction, "in (0, 1)")
     for key in ("seed", "subset_seed"):
         value = getattr(t, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            _fail(f"train.{key}", value, "to be an integer >= 0")
-    if t.subset_fraction is not None and not (_finite(t.subset_fraction)
+            fail(f"train.{key}", value, "to be an integer >= 0")
+    if t.subset_fraction is not None and not (finite(t.subset_fraction)
                                               and 0 < t.subset_fraction < 1):
-        _fail("train.subset_fraction", t.subset_fraction, "to be null (all) or in (0, 1)")
+        fail("train.subset_fraction", t.subset_fraction, "to be null (all) or in (0, 1)")
 
     d = cfg.dp
-    _check_choice("dp.accountant", d.accountant, ACCOUNTANTS)
-    _check_choice("dp.sampling", d.sampling, SAMPLINGS)
+    check_choice("dp.accountant", d.accountant, ACCOUNTANTS)
+    check_choice("dp.sampling", d.sampling, SAMPLINGS)
     p = perf(cfg)
-    _check_choice(perf_key(cfg, "clipping"), p.clipping, CLIPPING_METHODS)
-    _check_choice("dp.aggregation", d.aggregation, AGGREGATIONS)
-    _check_choice("dp.randomness", d.randomness, RANDOMNESS)
-    _check_choice("dp.noise", d.noise, NOISES)
-    _check_choice("dp.unit", d.unit, UNITS)
+    check_choice(perf_key(cfg, "clipping"), p.clipping, CLIPPING_METHODS)
+    check_choice("dp.aggregation", d.aggregation, AGGREGATIONS)
+    check_choice("dp.randomness", d.randomness, RANDOMNESS)
+    check_choice("dp.noise", d.noise, NOISES)
+    check_choice("dp.unit", d.unit, UNITS)
     if d.unit == "user":
         if not d.enabled:
-            _fail("dp.unit", d.unit, "to be 'example' with dp.enabled=false")
+            fail("dp.unit", d.unit, "to be 'example' with dp.enabled=false")
         if d.sampling != "poisson":
-            _fail("dp.sampling", d.sampling, "to be 'poisson' with dp.unit='user' (users are "
+            fail("dp.sampling", d.sampling, "to be 'poisson' with dp.unit='user' (users are "
                   "Poisson-sampled each round)")
         if cfg.train.distributed:
-            _fail("train.distributed", cfg.train.distributed, "to be false with dp.unit='user' "
+            fail("train.distributed", cfg.train.distributed, "to be false with dp.unit='user' "
                   "(a round runs on one device)")
     if not (isinstance(d.secagg_bits, int) and 8 <= d.secagg_bits <= 32):
-        _fail("dp.secagg_bits", d.secagg_bits, "to be an integer in [8, 32]")
-    if not (_finite(d.wrap_probability) and 0 < d.wrap_probability < 1):
-        _fail("dp.wrap_probability", d.wrap_probability, "in (0, 1)")
+        fail("dp.secagg_bits", d.secagg_bits, "to be an integer in [8, 32]")
+    if not (finite(d.wrap_probability) and 0 < d.wrap_probability < 1):
+        fail("dp.wrap_probability", d.wrap_probability, "in (0, 1)")
     if isinstance(d.max_colluders, bool) or not isinstance(d.max_colluders, int) \
             or d.max_colluders < 0:
-        _fail("dp.max_colluders", d.max_colluders, "to be an integer >= 0")
+        fail("dp.max_colluders", d.max_colluders, "to be an integer >= 0")
     if isinstance(d.simulated_dropouts, bool) or not isinstance(d.simulated_dropouts, int) \
             or d.simulated_dropouts < 0:
-        _fail("dp.simulated_dropouts", d.simulated_dropouts, "to be an integer >= 0")
-    _check_positive("dp.min_survivors", d.min_survivors, allow_none=True, integer=True)
+        fail("dp.simulated_dropouts", d.simulated_dropouts, "to be an integer >= 0")
+    check_positive("dp.min_survivors", d.min_survivors, allow_none=True, integer=True)
     if d.enabled and d.noise in DISCRETE_NOISES:
         if d.aggregation != "secagg":
-            _fail("dp.noise", d.noise, "to be 'gaussian' unless dp.aggregation='secagg' "
+            fail("dp.noise", d.noise, "to be 'gaussian' unless dp.aggregation='secagg' "
                   "(skellam and ddgauss are added by each SecAgg party before masking)")
         if d.accountant != "rdp":
-            _fail("dp.accountant", d.accountant, f"to be 'rdp' with dp.noise={d.noise!r} (its "
+            fail("dp.accountant", d.accountant, f"to be 'rdp' with dp.noise={d.noise!r} (its "
                   "RDP curve is accounted with a general Poisson subsampling bound)")
         if d.sampling != "poisson":
-            _fail("dp.sampling", d.sampling, f"to be 'poisson' with dp.noise={d.noise!r}")
+            fail("dp.sampling", d.sampling, f"to be 'poisson' with dp.noise={d.noise!r}")
     if d.aggregation != "secagg" and d.secagg_bits != 32:
-        _fail("dp.secagg_bits", d.secagg_bits, "to be 32 (the default) unless "
+        fail("dp.secagg_bits", d.secagg_bits, "to be 32 (the default) unless "
               "dp.aggregation='secagg'")
     if d.aggregation == "secagg" and d.enabled and d.unit != "user":
         survivors = d.num_parties if d.min_survivors is None else d.min_survivors
         if survivors > d.num_parties:
-            _fail("dp.min_survivors", d.min_survivors,
+            fail("dp.min_survivors", d.min_survivors,
                   f"to be at most dp.num_parties={d.num_parties}")
         if d.max_colluders >= survivors:
-            _fail("dp.max_colluders", d.max_colluders,
+            fail("dp.max_colluders", d.max_colluders,
                   f"to be below the surviving parties ({survivors}): their noise is all an "
                   "honest aggregate would have")
         if d.simulated_dropouts >= d.num_parties:
-            _fail("dp.simulated_dropouts", d.simulated_dropouts,
+            fail("dp.simulated_dropouts", d.simulated_dropouts,
                   f"to be below dp.num_parties={d.num_parties}")
-    _check_positive("dp.l2_clip_norm", d.l2_clip_norm)
-    if not (_finite(d.delta) and 0 < d.delta < 1):
-        _fail("dp.delta", d.delta, "in (0, 1)")
-    _check_positive("dp.max_epsilon", d.max_epsilon, allow_none=True)
-    _check_positive("dp.target_epsilon", d.target_epsilon, allow_none=True)
-    _check_positive(perf_key(cfg, "microbatch_size"), p.microbatch_size, allow_none=True,
+    check_positive("dp.l2_clip_norm", d.l2_clip_norm)
+    if not (finite(d.delta) and 0 < d.delta < 1):
+        fail("dp.delta", d.delta, "in (0, 1)")
+    check_positive("dp.max_epsilon", d.max_epsilon, allow_none=True)
+    check_positive("dp.target_epsilon", d.target_epsilon, allow_none=True)
+    check_positive(perf_key(cfg, "microbatch_size"), p.microbatch_size, allow_none=True,
                     integer=True)
-    _check_positive(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
+    check_positive(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
                     allow_none=True, integer=True)
-    _check_positive("dp.num_parties", d.num_parties, integer=True)
-    if d.noise_multiplier is not None and not (_finite(d.noise_multiplier)
+    check_positive("dp.num_parties", d.num_parties, integer=True)
+    if d.noise_multiplier is not None and not (finite(d.noise_multiplier)
                                                and d.noise_multiplier >= 0):
-        _fail("dp.noise_multiplier", d.noise_multiplier, "to be finite and >= 0")
+        fail("dp.noise_multiplier", d.noise_multiplier, "to be finite and >= 0")
     if d.enabled:
         if (d.noise_multiplier is None) == (d.target_epsilon is None):
-            _fail(
+            fail(
                 "dp.noise_multiplier", d.noise_multiplier,
                 f"or dp.target_epsilon={d.target_epsilon!r} to be set, exactly one of them "
                 "(use dp.noise_multiplier=null with a target)",
             )
         if d.sampling == "fixed_size" and d.accountant == "pld":
-            _fail("dp.accountant", d.accountant,
+            fail("dp.accountant", d.accountant,
                   "to be 'rdp' with dp.sampling='fixed_size' (dp-accounting's PLD accountant "
                   "does not implement sampling without replacement)")
         if d.sampling == "fixed_size" and p.physical_batch_size not in (None, t.batch_size):
-            _fail(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
+            fail(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
                   f"to be null or train.batch_size={t.batch_size} with dp.sampling='fixed_size'")
     if d.aggregation == "secagg":
         if d.unit == "user" and d.num_parties != 1:
-            _fail("dp.num_parties", d.num_parties, "to be 1 (unset) with dp.unit='user': the "
+            fail("dp.num_parties", d.num_parties, "to be 1 (unset) with dp.unit='user': the "
                   "parties are a round's user slots (federated.num_slots)")
         if d.unit != "user" and d.num_parties < 2:
-            _fail("dp.num_parties", d.num_parties, "to be >= 2 with dp.aggregation='secagg'")
+            fail("dp.num_parties", d.num_parties, "to be >= 2 with dp.aggregation='secagg'")
         if d.secagg_mode is not None:
-            _check_choice("dp.secagg_mode", d.secagg_mode, SECAGG_MODES)
+            check_choice("dp.secagg_mode", d.secagg_mode, SECAGG_MODES)
         if d.randomness == "secure" and d.secagg_mode == "simulation":
-            _fail("dp.secagg_mode", d.secagg_mode,
+            fail("dp.secagg_mode", d.secagg_mode,
                   "to be 'secure' or null with dp.randomness='secure' (simulation masks are "
                   "derived from the public train.seed, so the aggregator could unmask every "
                   "party; use dp.randomness=seeded for simulations)")
-        _check_positive("dp.secagg_neighbours", d.secagg_neighbours, allow_none=True,
+        check_positive("dp.secagg_neighbours", d.secagg_neighbours, allow_none=True,
                         integer=True)
-        _check_positive("dp.secagg_threshold", d.secagg_threshold, allow_none=True, integer=True)
+        check_positive("dp.secagg_threshold", d.secagg_threshold, allow_none=True, integer=True)
         if not d.enabled:
-            _fail("dp.aggregation", d.aggregation, "to be 'sum' with dp.enabled=false")
+            fail("dp.aggregation", d.aggregation, "to be 'sum' with dp.enabled=false")
         if p.physical_batch_size is not None and p.physical_batch_size % d.num_parties:
-            _fail(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
+            fail(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
                   f"to be a multiple of dp.num_parties={d.num_parties}")
 
 
@@ -492,7 +397,7 @@ def secagg_mode(d: DPConfig) -> str:
 def check_against_dataset(cfg: RunConfig, num_train: int) -> None:
     """The rules that need the dataset size N."""
     if cfg.train.batch_size > num_train:
-        _fail("train.batch_size", cfg.train.batch_size,
+        fail("train.batch_size", cfg.train.batch_size,
               f"to be at most the number of training examples {num_train}")
 
 

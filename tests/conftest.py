@@ -154,3 +154,25 @@ def mlp_problem():
 def cnn_problem():
     """The DP CNN on 16x16x1 inputs, batch 8."""
     return _problem(DPCNN(num_classes=10), (16, 16, 1), 8)
+
+
+@pytest.fixture
+def break_mechanism(monkeypatch):
+    """``break_mechanism(how)`` breaks the library for the rest of the test, as the audits'
+    broken variants do: ``"noise"`` divides every noise multiplier by 4
+    (``noise.privatize``), ``"clip"`` makes clipping not clip (``clip_math.clip_factors``
+    is 1 on every live row; NaN norms stay NaN). An audit must flag both."""
+    from dpjax import clip_math, noise  # noqa: PLC0415
+
+    def apply(how: str) -> None:
+        if how == "noise":
+            real = noise.privatize
+            monkeypatch.setattr(noise, "privatize", lambda s, k, **kw: real(
+                s, k, **{**kw, "noise_multiplier": kw["noise_multiplier"] / 4}))
+        elif how == "clip":
+            monkeypatch.setattr(clip_math, "clip_factors",
+                                lambda norms, mask, c: mask * (norms == norms))
+        else:
+            raise ValueError(f"Expected how={how!r} to be 'noise' or 'clip'.")
+
+    return apply

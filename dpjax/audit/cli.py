@@ -1,7 +1,7 @@
 """``dpjax-audit``: the Hydra app around :func:`dpjax.audit.run.run_audit`.
 
 The same config groups as ``dpjax-train`` plus ``audit=step|one_run|mia|exposure``
-(``configs/audit_config.yaml``; schema :class:`dpjax.config.AuditRunConfig`).
+(``configs/audit_config.yaml``; schema :class:`dpjax.audit.config.AuditRunConfig`).
 Writes ``audit.json`` into its Hydra output directory. Exit code 0 when the
 audit is consistent with the claimed epsilon, 3 when it refutes it (after
 writing ``audit.json``), 1 on an error.
@@ -20,9 +20,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from dpjax.audit.config import AuditRunConfig
 from dpjax.audit.run import AUDIT_FILE, run_audit, verdict
 from dpjax.cli import CONFIG_DIR
-from dpjax.config import AuditRunConfig, check_known_keys
+from dpjax.config import check_known_keys
 
 log = logging.getLogger("dpjax")
 INCONSISTENT_EXIT = 3

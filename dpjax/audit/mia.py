@@ -36,8 +36,9 @@ from omegaconf import OmegaConf
 from scipy import special
 
 import dpjax.audit.stats as stats
+from dpjax.audit.config import validate_audit
 from dpjax.checkpoint import CHECKPOINT_DIR
-from dpjax.config import RunConfig, validate_audit
+from dpjax.config import RunConfig
 from dpjax.task import build_task, subset_mask
 
 SUBSET_FRACTION = 0.5

@@ -42,9 +42,10 @@ import dpjax.audit.stats as stats
 import dpjax.distributed as distributed
 import dpjax.randomness as randomness
 from dpjax.assembly import Parts, assemble_parts, step_of
+from dpjax.audit.config import validate_audit
 from dpjax.clip_math import per_example_grads
 from dpjax.clipping import clipped_grad
-from dpjax.config import RunConfig, perf, validate_audit
+from dpjax.config import RunConfig, perf
 from dpjax.plan import plan_run
 from dpjax.task import Task, build_optimizer, build_task
 from dpjax.train import init_state

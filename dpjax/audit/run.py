@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dpjax.config import AuditRunConfig, validate, validate_audit
+from dpjax.audit.config import AuditRunConfig, validate_audit
+from dpjax.config import validate
 
 AUDIT_FILE = "audit.json"
 # kind -> "module:function(cfg, out_dir) -> dict"
@@ -60,5 +61,10 @@ def verdict(result: dict[str, Any]) -> str:
             f"claimed {claim:.4g} at delta {result['delta']:g}")
     if result["consistent"]:
         return text + " | consistent"
-    return (text + f" | INCONSISTENT: the claim epsilon={claim:.4g} is refuted; the lower "
-            f"bound exceeds it by {lower - claim:.4g} ({100 * (lower / claim - 1):.1f}%)")
+    text += (f" | INCONSISTENT: the claim epsilon={claim:.4g} is refuted; the lower "
+             f"bound exceeds it by {lower - claim:.4g} ({100 * (lower / claim - 1):.1f}%)")
+    if "confidence" in result:
+        alpha = 1 - result["confidence"]
+        text += (f" (a correct mechanism does this with probability at most {alpha:.3g}; "
+                 f"on a second audit.seed as well, at most {alpha**2:.2g})")
+    return text

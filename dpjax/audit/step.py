@@ -53,6 +53,7 @@ from dpjax.train import DPStep, init_state
 
 PyTree = Any
 TRIAL_BLOCK = 250  # trials per vmapped block: bounds memory to this many parameter copies
+SHARPNESS_NOISE_RATIO = 1.15  # the audit should catch a noise this much too small
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,12 @@ class StepAudit:
     epsilon_lower_bound_clopper_pearson: float
     canary: dict[str, Any]
     relation: str
+    confidence: float  # a correct mechanism exceeds its claim with probability <= 1 - this
+    # Could this audit have caught a noise 15% too small? The claim the same mechanism would
+    # make with 1.15x the noise (exact for Gaussian noise; None for distributed noise, whose
+    # claim is an RDP bound), and whether the lower bound exceeds it.
+    epsilon_claimed_at_1_15_noise: float | None
+    sharp: bool | None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,23 +164,42 @@ def world_partial(step: DPStep, parts: Parts, params, batch, mask, num_chunks: i
     return _local(partial, parts)
 
 
+def _release_block(step: DPStep, num_chunks: int, expected_batch_size: float):
+    """The jitted scorer of a block of trials. The state (with its noise secret), the
+    partial and the round input are arguments, never closed over: the audit's secret is
+    not baked into the compiled program (or the persistent compilation cache), and one
+    compiled program serves every seed and both worlds."""
+
+    def block(state, partial, round_input, others, direction, steps):
+        params_flat = _flat(state.params)
+
+        def one(t):
+            s = state.replace(step=t)
+            new = step.parts.apply(s, step.parts.aggregate(s, partial, round_input, num_chunks))
+            release = (params_flat - _flat(new.params)) * expected_batch_size  # lr = 1
+            return jnp.dot(release - others, direction)
+
+        return jax.vmap(one)(steps)
+
+    return jax.jit(block)
+
+
+def _run_blocks(block, state, partial, round_input, offset: int, trials: int, others,
+                direction) -> np.ndarray:
+    return np.concatenate([
+        np.asarray(block(state, partial, round_input, others, direction,
+                         jnp.arange(offset + i, offset + min(i + TRIAL_BLOCK, trials),
+                                    dtype=jnp.int32)))
+        for i in range(0, trials, TRIAL_BLOCK)])
+
+
 def release_scores(step: DPStep, state, partial, round_input, num_chunks: int, offset: int,
                    trials: int, others: jax.Array, direction: jax.Array,
                    expected_batch_size: float) -> np.ndarray:
     """Scores of ``trials`` releases of one world, at steps ``offset, offset + 1, ...``:
     each runs the step's aggregation round and privatized update afresh."""
-    params_flat = _flat(state.params)
-
-    def one(t):
-        s = state.replace(step=jnp.asarray(offset, jnp.int32) + t)
-        new = step.parts.apply(s, step.parts.aggregate(s, partial, round_input, num_chunks))
-        release = (params_flat - _flat(new.params)) * expected_batch_size  # lr = 1
-        return jnp.dot(release - others, direction)
-
-    block = jax.jit(jax.vmap(one))
-    return np.concatenate([
-        np.asarray(block(jnp.arange(i, min(i + TRIAL_BLOCK, trials), dtype=jnp.int32)))
-        for i in range(0, trials, TRIAL_BLOCK)])
+    block = _release_block(step, num_chunks, expected_batch_size)
+    return _run_blocks(block, state, partial, round_input, offset, trials, others, direction)
 
 
 def one_step_claim(mechanism, delta: float) -> float:
@@ -191,41 +217,89 @@ def one_step_claim(mechanism, delta: float) -> float:
     return one.epsilon(1, delta, "rdp")
 
 
+@dataclasses.dataclass(frozen=True)
+class StepScores:
+    """One seed's releases, scored: ``in`` / ``out`` world, and the canary used."""
+
+    in_scores: np.ndarray
+    out_scores: np.ndarray
+    canary: dict[str, Any]
+
+
+class StepAuditor:
+    """The configured mechanism's step, built once, scored on any audit seed.
+
+    One seed: a canary (chosen with the seed), a fresh noise secret
+    (``randomness.run_secret(dp.randomness, seed)``) and ``trials`` releases per world.
+    The jitted scorer takes the state and inputs as arguments, so every seed and
+    both worlds run the same compiled program (a seed study pays compilation once).
+    """
+
+    def __init__(self, cfg: RunConfig, parts: Parts, *, canary: str, chunks: int = 1):
+        if parts.mechanism is None:
+            raise ValueError("Expected dp.enabled=true: the step audit tests a DP mechanism.")
+        self.cfg, self.parts, self.canary_kind, self.chunks = cfg, parts, canary, chunks
+        self.mechanism = parts.mechanism
+        self.sgd = optax.sgd(1.0)
+        self._steps: dict[Any, DPStep] = {}
+
+    def _step(self, loss_fn) -> tuple[DPStep, Any]:
+        if loss_fn not in self._steps:
+            step = step_of(self.cfg, self.parts, self.sgd, loss_fn=loss_fn)
+            self._steps[loss_fn] = (step, _release_block(step, self.chunks,
+                                                         self.mechanism.expected_batch_size))
+        return self._steps[loss_fn]
+
+    def scores(self, seed: int, trials: int) -> StepScores:
+        """``trials`` scored releases per world at audit seed ``seed``."""
+        parts, chunks = self.parts, self.chunks
+        worlds = make_worlds(parts, self.canary_kind, seed)
+        step, block = self._step(worlds.loss_fn)
+        state = init_state(parts.task.params, self.sgd,
+                           secret=randomness.run_secret(self.cfg.dp.randomness, seed),
+                           privatizer=self.mechanism.privatizer())
+        placed = distributed.replicate(state, parts.mesh) if parts.mesh is not None else state
+        partial_others = world_partial(step, parts, placed.params, worlds.batch_out,
+                                       worlds.mask_others, chunks)
+        others = _flat(jax.tree_util.tree_map(
+            lambda a: a.sum(0) if step.aggregation.partial_sharded else a, partial_others))
+        round_input = step.prepare(state.step)
+        scores = []
+        for offset, batch, mask in ((0, worlds.batch_in, worlds.mask_in),
+                                    (trials, worlds.batch_out, worlds.mask_out)):
+            partial = world_partial(step, parts, placed.params, batch, mask, chunks)
+            scores.append(_run_blocks(block, state, partial, round_input, offset, trials,
+                                      others, worlds.direction))
+        return StepScores(scores[0], scores[1], worlds.canary)
+
+    def audit(self, seed: int, trials: int, *, delta: float, confidence: float) -> StepAudit:
+        """The step audit at one seed (see the module docstring)."""
+        scored = self.scores(seed, trials)
+        mechanism = self.mechanism
+        mu_claimed = mechanism.sensitivity() / mechanism.noise_std
+        eps_claimed = one_step_claim(mechanism, delta)
+        more_noise = (None if mechanism.distributed
+                      else float(gdp_epsilon(mu_claimed / SHARPNESS_NOISE_RATIO, delta)))
+        kw = dict(delta=delta, confidence=confidence)
+        eps_gdp = stats.epsilon_lower_bound(scored.in_scores, scored.out_scores, method="gdp",
+                                            **kw)
+        eps_cp = stats.epsilon_lower_bound(scored.in_scores, scored.out_scores,
+                                           method="clopper_pearson", **kw)
+        return StepAudit(method="gdp", epsilon_claimed=float(eps_claimed),
+                         epsilon_lower_bound=float(eps_gdp), delta=delta, trials=trials,
+                         consistent=bool(eps_gdp <= eps_claimed), mu_claimed=float(mu_claimed),
+                         epsilon_lower_bound_gdp=float(eps_gdp),
+                         epsilon_lower_bound_clopper_pearson=float(eps_cp),
+                         canary=scored.canary, relation=str(mechanism.relation),
+                         confidence=confidence, epsilon_claimed_at_1_15_noise=more_noise,
+                         sharp=None if more_noise is None else bool(eps_gdp > more_noise))
+
+
 def run_step_audit(cfg: RunConfig, parts: Parts, *, trials: int, seed: int, canary: str,
                    delta: float, confidence: float, chunks: int = 1) -> StepAudit:
     """Audits one step of ``parts.mechanism`` (see the module docstring)."""
-    mechanism = parts.mechanism
-    if mechanism is None:
-        raise ValueError("Expected dp.enabled=true: the step audit tests a DP mechanism.")
-    worlds = make_worlds(parts, canary, seed)
-    sgd = optax.sgd(1.0)
-    step = step_of(cfg, parts, sgd, loss_fn=worlds.loss_fn)
-    state = init_state(parts.task.params, sgd, secret=randomness.run_secret(cfg.dp.randomness,
-                                                                            seed),
-                       privatizer=mechanism.privatizer())
-    placed = distributed.replicate(state, parts.mesh) if parts.mesh is not None else state
-    partial_others = world_partial(step, parts, placed.params, worlds.batch_out,
-                                   worlds.mask_others, chunks)
-    others = _flat(jax.tree_util.tree_map(
-        lambda a: a.sum(0) if step.aggregation.partial_sharded else a, partial_others))
-    round_input = step.prepare(state.step)
-    scores = []
-    for offset, batch, mask in ((0, worlds.batch_in, worlds.mask_in),
-                                (trials, worlds.batch_out, worlds.mask_out)):
-        partial = world_partial(step, parts, placed.params, batch, mask, chunks)
-        scores.append(release_scores(step, state, partial, round_input, chunks, offset, trials,
-                                     others, worlds.direction, mechanism.expected_batch_size))
-    mu_claimed = mechanism.sensitivity() / mechanism.noise_std
-    eps_claimed = one_step_claim(mechanism, delta)
-    kw = dict(delta=delta, confidence=confidence)
-    eps_gdp = stats.epsilon_lower_bound(*scores, method="gdp", **kw)
-    eps_cp = stats.epsilon_lower_bound(*scores, method="clopper_pearson", **kw)
-    return StepAudit(method="gdp", epsilon_claimed=float(eps_claimed),
-                     epsilon_lower_bound=float(eps_gdp), delta=delta, trials=trials,
-                     consistent=bool(eps_gdp <= eps_claimed), mu_claimed=float(mu_claimed),
-                     epsilon_lower_bound_gdp=float(eps_gdp),
-                     epsilon_lower_bound_clopper_pearson=float(eps_cp), canary=worlds.canary,
-                     relation=str(mechanism.relation))
+    return StepAuditor(cfg, parts, canary=canary, chunks=chunks).audit(
+        seed, trials, delta=delta, confidence=confidence)
 
 
 def audit_from_config(cfg, out_dir) -> dict[str, Any]:

@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 import dpjax.audit.cli  # noqa: F401  (registers the audit schema in the ConfigStore)
 from dpjax.audit import mia
+from dpjax.audit.config import validate_audit
 from dpjax.audit.run import AUDIT_FILE, run_audit
-from dpjax.config import ConfigError, validate_audit
+from dpjax.config import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import dpjax.cli  # noqa: F401  (registers the schema)
-from dpjax import clip_math, noise
+from dpjax import noise
 from dpjax.assembly import assemble_parts
 from dpjax.audit.gdp import gdp_epsilon
 from dpjax.audit.step import run_step_audit
@@ -51,35 +51,59 @@ def _audit(overrides, chunks, seed=0):
                           confidence=0.95, chunks=chunks)
 
 
-def _break(monkeypatch, how):
-    if how == "noise":
-        real = noise.privatize
-        monkeypatch.setattr(noise, "privatize", lambda s, k, **kw: real(
-            s, k, **{**kw, "noise_multiplier": kw["noise_multiplier"] / 4}))
-    else:
-        monkeypatch.setattr(clip_math, "clip_factors",
-                            lambda norms, mask, c: mask * (norms == norms))
-
-
 def assert_consistent_and_sharp(result):
     claim_at_more_noise = gdp_epsilon(result.mu_claimed / 1.15, result.delta)
     assert result.consistent and result.epsilon_lower_bound <= result.epsilon_claimed, result
     assert result.epsilon_lower_bound > claim_at_more_noise, (result, claim_at_more_noise)
+    assert result.sharp and result.epsilon_claimed_at_1_15_noise == claim_at_more_noise
 
 
 @pytest.mark.parametrize("name", list(PATHS))
-def test_the_step_audit_is_consistent_sharp_and_flags_a_broken_variant(name, monkeypatch):
+def test_the_step_audit_is_consistent_sharp_and_flags_a_broken_variant(name, break_mechanism):
     overrides, chunks, broken = PATHS[name]
     result = _audit(overrides, chunks)
     assert_consistent_and_sharp(result)
     if name == "fixed_size":
         assert result.relation == "replace_one" and result.canary["kind"] == "dirac"
-    _break(monkeypatch, broken)
+    break_mechanism(broken)
     flagged = _audit(overrides, chunks)
     print(f"{name}: claim {flagged.epsilon_claimed:.3f}, broken ({broken}) lower bound "
           f"{flagged.epsilon_lower_bound:.3f}")
     assert not flagged.consistent
     assert flagged.epsilon_lower_bound > flagged.epsilon_claimed
+
+
+def test_the_audit_secret_is_an_argument_of_the_compiled_scorer_not_a_constant():
+    """The releases' noise secret must not be baked into the compiled program (which the
+    persistent compilation cache writes to disk): the scorer lowered for two secrets is the
+    same program, and every seed reuses the one compilation."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dpjax import randomness
+    from dpjax.audit.step import StepAuditor, make_worlds, world_partial
+    from dpjax.train import init_state
+
+    cfg = _cfg([])
+    auditor = StepAuditor(cfg, assemble_parts(cfg), canary="input")
+    worlds = make_worlds(auditor.parts, "input", 0)
+    step, block = auditor._step(worlds.loss_fn)
+    texts = []
+    for seed in (0, 1):
+        state = init_state(auditor.parts.task.params, optax.sgd(1.0),
+                           secret=randomness.run_secret("seeded", seed),
+                           privatizer=auditor.mechanism.privatizer())
+        partial = world_partial(step, auditor.parts, state.params, worlds.batch_in,
+                                worlds.mask_in, 1)
+        direction = worlds.direction
+        texts.append(block.lower(state, partial, step.prepare(state.step), direction * 0,
+                                 direction, jnp.arange(4, dtype=jnp.int32)).as_text())
+        assert int(state.key.words[0]) != 0
+    assert texts[0] == texts[1]
+    first, second = auditor.scores(0, 8), auditor.scores(1, 8)
+    assert not jax.numpy.array_equal(first.in_scores, second.in_scores)
+    assert block._cache_size() == 1
 
 
 def test_the_step_audit_on_two_devices(tmp_path):
