@@ -1,6 +1,15 @@
 """Discrete noise for distributed DP: discrete Gaussian and Skellam samplers in ``jnp``.
 
-Every sampler here is a rejection sampler whose proposals are built from
+Poisson draws with ``lam < POISSON_INVERSION_MAX_LAM`` (16) come from exact
+inversion: a uniform 64-bit value (two ChaCha20 words) is compared, as
+integers, with a 72-entry table of ``floor(2^64 P(X <= k))`` computed on the
+host with 60-digit decimals; each value's probability is within ``2^-63`` of
+the Poisson pmf and the total variation per draw is below ``2^-56``
+(:func:`poisson_inversion_table`). There the rejection sampler below would
+propose with ``t = 1``, accept only ~1/3 of its candidates and waste half of
+them below 0.
+
+Every other sampler here is a rejection sampler whose proposals are built from
 integers only, in the style of Canonne, Kamath, Steinke 2020 ("The Discrete
 Gaussian for Differential Privacy", Algorithms 2 and 3):
 
@@ -15,15 +24,17 @@ Gaussian for Differential Privacy", Algorithms 2 and 3):
 
 Vectorized: every coordinate gets one candidate; the coordinates left go
 through two compacted stages with a fixed batch of fresh candidates each
-(the first accepted one is kept) and finally a bounded ``lax.while_loop``.
+(the first accepted one is kept) and finally a ``lax.while_loop`` whose
+round cap grows with the size (:func:`_loop_rounds`).
 Random words come from ChaCha20 (:mod:`dpjax.secagg.chacha`, 3.5x faster
 than Threefry on CPU) keyed by the caller's 256-bit key (``uint32[8]``: the
 party's noise is then as hard to guess as that key), or by 256 bits drawn from
 a ``jax.random`` key (64 bits of entropy: for tests and simulations). The
-number of coordinates still without a sample after that (probability far
-below 2^-100 per call) is returned, never hidden; those coordinates are 0.
+number of coordinates still without a sample after that (probability below
+2^-100 per call, see :func:`_loop_rounds`) is returned, never hidden; those
+coordinates are 0.
 
-Where floating point departs from the exact algorithm (both samplers):
+Where floating point departs from the exact algorithm (the rejection samplers):
 
 - ``P(V >= k)`` is ``floor(e^{-k} 2^32) / 2^32`` (error < 2^-32) and ``V``
   is truncated at 22, so proposals beyond ``23 t`` (more than ~16 standard
@@ -32,14 +43,18 @@ Where floating point departs from the exact algorithm (both samplers):
   error ~ ``(1 + e) 2^-23``) and realized with 2^-32 resolution, so an
   outcome whose acceptance probability is below 2^-32 is never accepted.
 
-The pmf of every value within ~10 standard deviations is therefore the exact
-one up to a relative error of about 1e-6; nothing depends on the low-order
+Each candidate's acceptance probability is therefore within ~2^-20 of the
+exact one (checked against mpmath at lam = 16 .. 2^38): the pmf of every value
+within ~10 standard deviations is the exact one up to a relative error of
+about 1e-6 (not 2^-40: that would take 64-bit acceptance words and a
+double-float log-pmf). Nothing depends on the low-order
 bits of a float (the proposal's integer part is exact), which is what
 defeats Mironov's (2012) floating-point attack on continuous noise.
 """
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 from typing import NamedTuple
@@ -61,8 +76,13 @@ _WORDS_PER_CANDIDATE = 3
 # per candidate of at most _FAIL_BUCKETS[i] (the smallest bucket above the true rate).
 _STAGE_CANDIDATES = (1, 4, 10)
 _FAIL_BUCKETS = (0.6, 0.8)
-_LOOP_BUFFER, _LOOP_CANDIDATES, _MAX_LOOP_ROUNDS = 64, 64, 64
+_LOOP_BUFFER, _LOOP_CANDIDATES, _MIN_LOOP_ROUNDS = 64, 64, 64
 _POISSON_LOG_M_MARGIN = 1e-3  # keeps the float32 acceptance probability <= 1
+# Below this lam, Poisson draws come from exact inversion of a 64-bit fixed-point CDF table
+# (at lam < 2.25 the rejection sampler's proposal has t = 1, acceptance ~1/3, and half its
+# candidates fall below 0); its _INVERSION_TABLE entries leave P(X >= 72) < 2^-70 at lam = 16.
+POISSON_INVERSION_MAX_LAM = 16.0
+_INVERSION_TABLE = 72
 
 
 class _Constants(NamedTuple):
@@ -93,11 +113,25 @@ def _words(key256: jax.Array, stream: int, index, shape: tuple[int, ...]) -> jax
     return chacha20_stream(key256, nonce, int(np.prod(shape))).reshape(shape)
 
 
-def _bernoulli_exp_neg(word: jax.Array, exponent: jax.Array) -> jax.Array:
-    """``True`` with probability ``floor(exp(-exponent) 2^32) / 2^32`` (``exponent >= 0``)."""
+def _acceptance_threshold(exponent: jax.Array) -> jax.Array:
+    """``uint32`` ``~floor(exp(-exponent) 2^32)`` (float32 ``exp``; at most ``2^32 - 256``)."""
     p = jnp.exp(-jnp.maximum(exponent, 0.0))
-    threshold = jnp.minimum(p * np.float32(2**32), _MAX_THRESHOLD).astype(jnp.uint32)
-    return word < threshold
+    return jnp.minimum(p * np.float32(2**32), _MAX_THRESHOLD).astype(jnp.uint32)
+
+
+def _bernoulli_exp_neg(word: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``True`` with probability ``_acceptance_threshold(exponent) / 2^32``."""
+    return word < _acceptance_threshold(exponent)
+
+
+def _poisson_exponent(y: jax.Array, k: _Constants) -> jax.Array:
+    """``-log`` of the Poisson acceptance probability of candidate ``y``.
+
+    Acceptance ``p(n) e^{|y|/t} / M`` times Algorithm 2's ``e^{-U/t}``: the
+    ``U / t`` terms cancel, leaving ``log M - V - log p(center + y)``.
+    """
+    v = (jnp.abs(y) // k.t).astype(jnp.float32)
+    return k.a - v - _poisson_log_pmf(y, k)
 
 
 def _laplace_candidates(words: jax.Array, k: _Constants):
@@ -160,10 +194,8 @@ def _poisson_log_pmf(y: jax.Array, k: _Constants) -> jax.Array:
 
 
 def _poisson_accept(words: jax.Array, k: _Constants) -> tuple[jax.Array, jax.Array]:
-    # Acceptance p(n) e^{|y|/t} / M times Algorithm 2's e^{-U/t}: the U / t terms cancel.
-    y, _, _, v, word, valid = _laplace_candidates(words, k)
-    exponent = k.a - v.astype(jnp.float32) - _poisson_log_pmf(y, k)
-    return y, valid & _bernoulli_exp_neg(word, exponent)
+    y, _, _, _, word, valid = _laplace_candidates(words, k)
+    return y, valid & _bernoulli_exp_neg(word, _poisson_exponent(y, k))
 
 
 def _first_accepted(values: jax.Array, accepted: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -193,6 +225,24 @@ def _buffers(size: int, fail: float) -> list[int]:
     return buffers
 
 
+def _loop_rounds(size: int, fail: float) -> int:
+    """Static cap on the final loop's rounds: room for ``2 m + 2048`` coordinates, twice over.
+
+    ``m = size fail^15`` bounds the mean number of coordinates the stages leave
+    (``fail`` is the bucket, >= the true failure rate per candidate). A round
+    serves up to ``_LOOP_BUFFER`` of them with ``_LOOP_CANDIDATES`` candidates
+    each (all fail with probability <= 0.8^64 < 2^-20), so a coordinate stays
+    unsampled only if the stages leave more than ``32 R >= 2 m + 2048`` (Chernoff:
+    probability < 2^-100 for every ``size``; the stage buffers hold 1.1x their
+    expected load plus 64, and an overflow only defers coordinates to the loop)
+    or if more than half of the ``64 R`` served slots fail (< 2^-500). The cap
+    used to be a constant 64 rounds (4096 coordinates): at acceptance ~1/3 and
+    ``size >= 2^21`` the stages leave more than that, and the rest came back as 0.
+    """
+    expected = size * fail ** sum(_STAGE_CANDIDATES)
+    return _MIN_LOOP_ROUNDS + math.ceil(4 * expected / _LOOP_BUFFER)
+
+
 @functools.partial(jax.jit, static_argnames=("size", "accept", "fail"))
 def _rejection_sample(key, size: int, accept, consts: _Constants, fail: float):
     """``size`` samples (first accepted candidate each) and how many coordinates got none.
@@ -200,6 +250,7 @@ def _rejection_sample(key, size: int, accept, consts: _Constants, fail: float):
     The staged part draws all its words from one ChaCha20 stream of the key; the
     rarely run loop from another stream of it, one per round.
     """
+    max_rounds = _loop_rounds(size, fail)
     key256 = chacha_key(key)
     sizes = [size, *_buffers(size, fail)]
     counts = [_WORDS_PER_CANDIDATE * k * m for k, m in zip(_STAGE_CANDIDATES, sizes, strict=True)]
@@ -215,7 +266,7 @@ def _rejection_sample(key, size: int, accept, consts: _Constants, fail: float):
 
     def unfinished(state):
         rounds, _, done = state
-        return (rounds < _MAX_LOOP_ROUNDS) & ~jnp.all(done)
+        return (rounds < max_rounds) & ~jnp.all(done)
 
     def another_round(state):
         rounds, value, done = state
@@ -341,8 +392,47 @@ def poisson_constants(lam: float) -> tuple[_Constants, float]:
     return consts, acceptance
 
 
+def poisson_inversion_table(lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """The CDF thresholds ``C_k = min(floor(2^64 P(X <= k)), 2^64 - 1)`` of ``Poisson(lam)``.
+
+    For ``k < _INVERSION_TABLE`` (72), computed with 60-digit decimals (relative
+    error < 10^-55), returned as ``(high words, low words)`` (``uint32`` each).
+    Inverting a uniform 64-bit ``W``,
+    ``#{k : W >= C_k}`` takes the value ``j`` with probability
+    ``(C_j - C_{j-1}) / 2^64``: within ``2^-63`` of ``P(X = j)`` for each ``j``.
+    """
+    if not 0 < lam < POISSON_INVERSION_MAX_LAM:
+        raise ValueError(f"Expected lam={lam!r} in (0, {POISSON_INVERSION_MAX_LAM:g}).")
+    with decimal.localcontext(prec=60):
+        lam_exact = decimal.Decimal(lam)  # the float's exact binary value
+        term = (-lam_exact).exp()  # correctly rounded at 60 digits
+        cdf, thresholds = decimal.Decimal(0), []
+        for k in range(_INVERSION_TABLE):
+            cdf += term
+            thresholds.append(min(int(cdf * 2**64), 2**64 - 1))  # int() truncates: floor
+            term = term * lam_exact / (k + 1)
+    table = np.array(thresholds, dtype=np.uint64)
+    return (table >> np.uint64(32)).astype(np.uint32), (table & np.uint64(2**32 - 1)).astype(
+        np.uint32
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _inversion_sample(key, size: int, high: jax.Array, low: jax.Array) -> jax.Array:
+    """``#{k : W >= C_k}`` for ``size`` uniform 64-bit words ``W`` (two ChaCha20 words each)."""
+    words = _words(chacha_key(key), 3, 0, (2, size))
+    w_high, w_low = words[0][:, None], words[1][:, None]
+    at_least = (w_high > high) | ((w_high == high) & (w_low >= low))
+    return jnp.sum(at_least, axis=1, dtype=jnp.int32)
+
+
 def _centered_poisson(key, shape, lam: float) -> tuple[jax.Array, jax.Array]:
     """``Poisson(lam) - floor(lam)`` (int32), and the count of unsampled coordinates."""
+    if lam < POISSON_INVERSION_MAX_LAM:
+        shape = _shape(shape)
+        high, low = poisson_inversion_table(lam)
+        value = _inversion_sample(key, math.prod(shape), jnp.asarray(high), jnp.asarray(low))
+        return (value - np.int32(math.floor(lam))).reshape(shape), jnp.int32(0)
     consts, acceptance = poisson_constants(lam)
     return _sample(key, shape, _poisson_accept, consts, acceptance)
 
@@ -350,9 +440,12 @@ def _centered_poisson(key, shape, lam: float) -> tuple[jax.Array, jax.Array]:
 def poisson(key: jax.Array, shape: tuple[int, ...], lam: float) -> tuple[jax.Array, jax.Array]:
     """I.i.d. ``Poisson(lam)`` draws as int32 (``0 < lam <= 2^30``).
 
-    Rejection from a discrete Laplace proposal centred at ``floor(lam)``
-    with ``t ~ sqrt(lam)``; the envelope constant ``M`` is computed on the
-    host in float64 (plus a 1e-3 margin). Returns ``(samples, number unsampled)``.
+    ``lam < 16``: exact inversion of a 64-bit fixed-point CDF table (total
+    variation from ``Poisson(lam)`` below ``2^-56`` per draw, never unsampled).
+    ``lam >= 16``: rejection from a discrete Laplace proposal centred at
+    ``floor(lam)`` with ``t ~ sqrt(lam)``; the envelope constant ``M`` is
+    computed on the host in float64 (plus a 1e-3 margin); float32 error as in
+    the module docstring. Returns ``(samples, number unsampled)``.
     """
     lam = float(lam)
     _check_scale("lam", lam, math.sqrt(lam))
@@ -365,10 +458,11 @@ def poisson(key: jax.Array, shape: tuple[int, ...], lam: float) -> tuple[jax.Arr
 def skellam(key: jax.Array, shape: tuple[int, ...], mu: float) -> tuple[jax.Array, jax.Array]:
     """I.i.d. draws from the symmetric Skellam ``Sk(mu)``: ``P1 - P2``, ``P1, P2 ~ Poisson(mu/2)``.
 
-    Variance ``mu``. Each Poisson comes from :func:`poisson`'s sampler,
-    centred (``P - floor(mu/2)``), so the difference is exact in int32 even
-    when ``mu/2`` is huge. ``0 < mu <= 2^39`` (each Poisson's standard
-    deviation <= 2^19); one compilation serves every ``mu`` of a shape.
+    Variance ``mu``. Each Poisson comes from :func:`poisson`'s sampler (exact
+    inversion for ``mu < 32``), centred (``P - floor(mu/2)``), so the
+    difference is exact in int32 even when ``mu/2`` is huge. ``0 < mu <= 2^39``
+    (each Poisson's standard deviation <= 2^19); one compilation per shape
+    serves every ``mu >= 32``, another every ``mu < 32``.
 
     Returns:
       ``(int32 array of shape, number of coordinates left unsampled)``.

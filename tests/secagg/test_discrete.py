@@ -58,7 +58,7 @@ def test_discrete_gaussian_fits_the_directly_normalized_pmf(sigma):
     assert abs(samples.var() - var) < 4 * math.sqrt((fourth - var**2) / N_DRAWS)
 
 
-@pytest.mark.parametrize("mu", [30.0, 400.0, 2.0e5])
+@pytest.mark.parametrize("mu", [1.4, 30.0, 400.0, 2.0e5])  # 1.4, 30: Poissons by inversion
 def test_skellam_fits_scipy(mu):
     draws, failed = discrete.skellam(jax.random.key(12), (N_DRAWS,), mu)
     assert draws.dtype == jnp.int32 and int(failed) == 0
@@ -72,15 +72,12 @@ def test_skellam_fits_scipy(mu):
     assert abs(samples.var() - mu) < 4 * math.sqrt((2 * mu**2 + mu) / N_DRAWS)
 
 
-@pytest.mark.parametrize(
-    "lam",
-    [41.3, 1.0e6, pytest.param(0.7, marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason="known bug, 2026-11-29: at lam = 0.7 the sampler puts ~0.2% too "
-        "much mass on 0 (8M pooled draws: +4.0 sd at 0, -3.3 sd at 1; chi-square p = 9e-4 "
-        "at this key); reported for an issue; the fits at 41.3 and 1e6 pass")])],
-)
+@pytest.mark.parametrize("lam", [0.05, 0.7, 2.5, 41.3, 1.0e6])  # < 16: inversion; else rejection
 def test_poisson_fits_scipy(lam):
     # 2 N draws: the shape of the Poisson pair inside skellam(N), so the compile is shared.
+    # 0.7 at this key was a strict xfail (chi-square p = 9e-4) before inversion replaced
+    # rejection below lam = 16; 0.05 is the smallest lam whose bins {0}, {1}, {>= 2} all
+    # expect >= 20 draws (~240 at >= 2).
     draws, failed = discrete.poisson(jax.random.key(13), (2 * N_DRAWS,), lam)
     assert int(failed) == 0
     samples = np.asarray(draws, np.int64)
@@ -88,6 +85,76 @@ def test_poisson_fits_scipy(lam):
         max(0, int(lam - 30 * math.sqrt(lam)) - 20), int(lam + 30 * math.sqrt(lam)) + 20
     )
     assert _chi_square_pvalue(samples, support, stats.poisson.pmf(support, lam)) > SIGNIFICANCE
+
+
+@pytest.mark.slow  # 8M draws, ~10 s
+def test_poisson_at_small_lam_has_no_excess_mass_at_zero_over_8m_draws():
+    # The old symptom: one 8M-draw call at lam = 0.7 left 13722 coordinates unsampled (the
+    # rejection loop's fixed 4096-coordinate capacity) and returned them as 0: +4.1 standard
+    # errors at 0, -3.4 at 1. Bound: each of P(0), P(1), P(2) within 4 standard errors.
+    n, lam = 8_000_000, 0.7
+    draws, failed = discrete.poisson(jax.random.key(13), (n,), lam)
+    assert int(failed) == 0
+    counts = np.bincount(np.asarray(draws), minlength=3)[:3]
+    pmf = stats.poisson.pmf(np.arange(3), lam)
+    z = (counts - n * pmf) / np.sqrt(n * pmf * (1 - pmf))
+    np.testing.assert_array_less(np.abs(z), 4.0)
+
+
+@pytest.mark.slow  # ~30 s: a 2^21 rejection sampler compile and run
+def test_low_acceptance_rejection_sampler_leaves_no_coordinate_unsampled_at_2_to_21():
+    # sigma = 0.3: acceptance 0.30 per candidate, so the staged candidates leave ~0.0043 * 2^21
+    # ~ 9000 coordinates to the final loop; its old fixed 64 x 64 capacity left 5026 of them
+    # unsampled (returned as 0). P(0) within 4 standard errors of the normalized pmf's.
+    n, sigma = 2**21, 0.3
+    draws, failed = discrete.discrete_gaussian(jax.random.key(5), (n,), sigma)
+    assert int(failed) == 0
+    support, pmf = _dg_pmf(sigma)
+    p0 = float(pmf[support == 0][0])
+    zeros = int(np.sum(np.asarray(draws) == 0))
+    assert abs(zeros - n * p0) < 4 * math.sqrt(n * p0 * (1 - p0))
+
+
+@pytest.mark.parametrize("lam", [1e-9, 1e-3, 0.7, 2.5, 15.99])
+def test_poisson_inversion_table_matches_mpmath(lam):
+    high, low = discrete.poisson_inversion_table(lam)
+    thresholds = [int(h) << 32 | int(lo) for h, lo in zip(high, low, strict=True)]
+    assert thresholds == sorted(thresholds)
+    # Value j is drawn with probability (C_j - C_{j-1}) / 2^64; the last value, len(table),
+    # with (2^64 - C_last) / 2^64.
+    got = np.diff([0, *thresholds, 2**64]).astype(object)
+    with mpmath.workdps(40):
+        pmf = [mpmath.exp(-lam) * mpmath.mpf(lam) ** j / mpmath.factorial(j)
+               for j in range(len(thresholds))]  # fmt: skip
+        want = [*pmf, 1 - mpmath.fsum(pmf)]
+        errors = [abs(mpmath.mpf(int(g)) / 2**64 - w) for g, w in zip(got, want, strict=True)]
+    # Each C_k is within one unit of 2^64 P(X <= k): every probability within 2^-63.
+    assert float(max(errors)) <= 2.0**-63
+    assert float(mpmath.fsum(errors)) / 2 < 2.0**-56  # total variation per draw
+
+
+@pytest.mark.parametrize("lam", [16.0, 41.3, 1.0e6, 2.0**38])
+def test_poisson_rejection_acceptance_per_value_matches_mpmath(lam):
+    # The sampler accepts candidate y with probability threshold(y) / 2^32; exactly it should be
+    # p(center + y) e^{floor(|y| / t)} / M (M: the sampler's own envelope constant), <= 1.
+    consts, _ = discrete.poisson_constants(lam)
+    consts = discrete._Constants(*(jnp.asarray(c) for c in consts))
+    center, t = math.floor(lam), int(consts.t)
+    reach = int(12 * math.sqrt(lam)) + 5  # where acceptance is above ~2^-100
+    # One length for every lam, so the eager ops compile once (repeated offsets are harmless).
+    offsets = np.linspace(-min(reach, center), reach, 241).astype(np.int64)
+    exponent = discrete._poisson_exponent(jnp.asarray(offsets, jnp.int32), consts)
+    got = np.asarray(discrete._acceptance_threshold(exponent), np.float64) / 2**32
+    with mpmath.workdps(30):
+        log_m, log_lam = mpmath.mpf(float(consts.a)), mpmath.log(lam)
+        want = np.array([
+            float(mpmath.exp(-lam + (center + y) * log_lam - mpmath.loggamma(center + y + 1)
+                             + abs(y) // t - log_m))
+            for y in offsets.tolist()
+        ])  # fmt: skip
+    assert want.max() <= 1.0  # the envelope holds exactly, not only in float32
+    # float32 log-pmf (absolute error ~1e-6) and the 2^-32 resolution: within 2^-19 absolute.
+    np.testing.assert_array_less(np.abs(got - want), 2.0**-19)
 
 
 @pytest.mark.parametrize("lam", [20.5, 1.0e4, 2.0**36])
