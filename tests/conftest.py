@@ -139,7 +139,7 @@ EXTENDED = {
     "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_step]":
         "the ChaCha20 noise draw and the DP step compiled: 40 CPU s, 166 s wall (10 CPU s warm)",
     "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_scaling]":
-        "4 subprocesses on forced host devices",
+        "4 subprocesses on forced host devices: 77 CPU s, 323 s wall",
     "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_audit]":
         "14 step audits, one per mechanism path and its 0.87-sigma variant",
 }
