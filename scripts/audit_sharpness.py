@@ -4,9 +4,10 @@ Releases of a Gaussian mechanism with noise multiplier sigma: "in" ~ N(1 / sigma
 "out" ~ N(0, 1), R per world, delta = 1e-5, confidence 0.95. Prints markdown tables:
 the mean bound (min-max over seeds) of each method / selection against the true
 epsilon and against the epsilon a claim of noise 1.15 sigma would give; the bounds
-across R; and the median wall time of one call.
+across R; and the median wall time of one call. ``--quick`` prints the same tables
+at tiny sizes (a smoke run; its numbers mean nothing).
 
-    python scripts/audit_sharpness.py [--seeds 50] [--releases 20000]
+    python scripts/audit_sharpness.py [--seeds 50] [--releases 20000] [--quick]
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ VARIANTS = [
     ("clopper_pearson", "holdout"),
     ("clopper_pearson", "bonferroni"),
 ]
+RELEASES_ACROSS = (200, 1000, 5000, 20_000)
+CANARIES = (10_000, 100_000)
 
 
 def releases(sigma: float, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +65,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--releases", type=int, default=20_000)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     args = parser.parse_args()
+    across, canaries, repeats = RELEASES_ACROSS, CANARIES, 7
+    if args.quick:
+        args.seeds, args.releases = 2, 200
+        across, canaries, repeats = RELEASES_ACROSS[:2], (1000,), 1
     print(
         f"# audit_sharpness: {datetime.date.today()}, {platform.machine()}, "
         f"numpy {np.__version__}, scipy {scipy.__version__}, delta {DELTA}, confidence 0.95"
@@ -87,28 +95,31 @@ def main() -> None:
     print(f"\n## Mean bound across R (sigma = 1, true eps 4.377), {args.seeds} seeds\n")
     print("| R per world | " + " | ".join(f"{m} {s}" for m, s in VARIANTS) + " |")
     print("|---:|" + "---:|" * len(VARIANTS))
-    for n in (200, 1000, 5000, 20_000):
+    for n in across:
         b = bounds(1.0, n, args.seeds)
         print(f"| {n:,} | " + " | ".join(f"{b[v].mean():.3f}" for v in VARIANTS) + " |")
 
     print("\n## Median time of one call\n")
     print("| input | call | ms |")
     print("|---|---|---:|")
-    in_s, out_s = releases(1.0, 20_000, 0)
+    n = across[-1]
+    in_s, out_s = releases(1.0, n, 0)
     for method, selection in VARIANTS:
         ms = median_ms(
             lambda m=method, s=selection: audit.epsilon_lower_bound(
                 in_s, out_s, delta=DELTA, method=m, selection=s
-            )
+            ),
+            repeats,
         )
-        print(f"| 20,000 + 20,000 scores | {method}, {selection} | {ms:.1f} |")
-    for m in (10_000, 100_000):
+        print(f"| {n:,} + {n:,} scores | {method}, {selection} | {ms:.1f} |")
+    for m in canaries:
         rng = np.random.default_rng(0)
         inc = rng.random(m) < 0.5
         scores = inc + rng.normal(size=m)
         for delta in (0.0, DELTA):
             ms = median_ms(
-                lambda s=scores, i=inc, d=delta: audit.one_run_epsilon_lower_bound(s, i, delta=d)
+                lambda s=scores, i=inc, d=delta: audit.one_run_epsilon_lower_bound(s, i, delta=d),
+                repeats,
             )
             print(f"| {m:,} canaries (mu = 1) | one_run, delta = {delta} | {ms:.1f} |")
 

@@ -9,8 +9,9 @@ On accelerators the counts run in this process on the devices present. On CPU
 each count re-runs this script in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``: the N "devices" share
 the same cores, so the figures show the sharding overhead, not a speedup.
+``--quick`` runs 1 and 2 devices at tiny batches (a smoke run).
 
-    python scripts/bench_scaling.py [--per-device 64] [--global-batch 256] [--repeats 20]
+    python scripts/bench_scaling.py [--per-device 64] [--global-batch 256] [--repeats 20] [--quick]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 import numpy as np
 
 COUNTS = (1, 2, 4, 8)
+QUICK_COUNTS = (1, 2)  # the unsharded step and a sharded one
 
 
 def measure(num_devices: int, batch_size: int, repeats: int) -> dict:
@@ -97,13 +99,16 @@ def main() -> None:
     parser.add_argument("--per-device", type=int, default=64, help="weak scaling rows/device")
     parser.add_argument("--global-batch", type=int, default=256, help="strong scaling batch")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="1 and 2 devices, tiny batches")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.batch, args.repeats)))
         return
-    rows = run_counts(COUNTS, args)
+    if args.quick:
+        args.per_device, args.global_batch, args.repeats = 4, 8, 1
+    rows = run_counts(QUICK_COUNTS if args.quick else COUNTS, args)
     print(f"# bench_scaling {datetime.date.today()} | {platform.node()} | "
           f"{os.cpu_count()} CPU cores | {rows[0]['platform']}: {rows[0]['device_kind']}")
     if rows[0]["platform"] == "cpu":

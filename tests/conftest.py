@@ -127,6 +127,21 @@ EXTENDED = {
     "_convolution[case3]": "6 s",
     "tests/test_fast_clipping.py::test_two_pass_mode_matches_the_reference_with_nonfinite_rows"
     "[nnx_cnn]": "5 s",
+    # benchmark scripts' smoke runs (tests/test_scripts.py), cold compilation cache: CPU
+    # seconds (load-independent), then wall seconds on the 2-core machine under load 5-12,
+    # 2026-11-30; CI runs audit_sharpness, rdp_compare and bench_exposure (33 CPU s together)
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_clipping]":
+        "3 models x 3 frameworks x 4 paths compiled: 23 min wall",
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_lm]":
+        "6 transformer steps compiled: 112 s wall",
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_secagg]":
+        "a dozen SecAgg round shapes compiled: 103 s wall",
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_step]":
+        "the ChaCha20 noise draw and the DP step compiled: 40 CPU s, 166 s wall (10 CPU s warm)",
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_scaling]":
+        "4 subprocesses on forced host devices: 77 CPU s, 323 s wall",
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_audit]":
+        "14 step audits, one per mechanism path and its 0.87-sigma variant",
 }
 
 
