@@ -140,7 +140,8 @@ def ddp_secure_sum(
         masked inputs and the unmasking seeds, nothing else.
 
     Returns:
-      ``(noisy sum shaped like one party's update, RoundReport)``. Parties
+      ``(noisy sum shaped like one party's update, RoundReport)``; all zeros if any
+      party's noise sampler failed (see the code: a data-independent event). Parties
       are encoded one after another (``lax.map``) to keep memory at one
       party's noise batch.
     """
@@ -170,4 +171,10 @@ def ddp_secure_sum(
                                          round_masks.unmask_nonces, round_masks.unmask_weights,
                                          bits=params.bits)  # fmt: skip
     decoded = decode_sum(total, params, rotation_key=rotation_key)
+    # A party whose sampler left coordinates unsampled sent less noise there than the
+    # accountant counts for the other parties' data: the round then releases zeros. The
+    # event depends only on the parties' noise keys, never on data, so the zero release is
+    # data-independent (probability < 2^-100 per party; discrete._loop_rounds).
+    short = jnp.any(reports.noise_failures > 0)
+    decoded = jnp.where(short, jnp.zeros_like(decoded), decoded)
     return unflatten_party(decoded, spec), RoundReport(*reports)

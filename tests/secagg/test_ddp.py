@@ -123,6 +123,35 @@ def test_decoded_sum_is_the_exact_noisy_integer_sum(n, unit, noise, neighbours):
     assert np.linalg.norm(err) <= len(survivors) * np.sqrt(size) / params.gamma
 
 
+def test_a_round_with_a_short_noise_vector_releases_zeros(monkeypatch):
+    """A party whose sampler reports unsampled coordinates must not let the round release a
+    sum with less noise than accounted: the round releases zeros (the failure depends only
+    on noise keys, so the zero release is data-independent)."""
+    n, dim, bits = 3, 64, 20
+    params = _params(n, dim, bits)
+    real = ddp.party_noise
+    calls = []
+
+    def flaky(noise_key, p):
+        noise, failures = real(noise_key, p)
+        calls.append(1)
+        # every party reports 3 unsampled coordinates (lax.map traces this once)
+        return noise, failures + jnp.int32(3)
+
+    x = jnp.asarray(np.full((n, dim), 0.05), jnp.float32)
+    masks = prepare_round(n, threshold=2, survivors=list(range(n)), mode="simulation", seed=3)
+    rounding_keys, noise_keys = _keys(n, 5)
+    kwargs = dict(params=params, round_masks=masks, rotation_key=rotation.rotation_key(
+        seed=1, round_index=0), rounding_keys=rounding_keys, noise_keys=noise_keys)
+    healthy, report = ddp.ddp_secure_sum({"w": x}, **kwargs)
+    assert not np.any(np.asarray(report.noise_failures))
+    assert np.any(np.asarray(healthy["w"]) != 0)
+    monkeypatch.setattr(ddp, "party_noise", flaky)
+    short, report = ddp.ddp_secure_sum({"w": x}, **kwargs)
+    assert calls and np.all(np.asarray(report.noise_failures) == 3)
+    np.testing.assert_array_equal(np.asarray(short["w"]), 0.0)
+
+
 def test_wrap_around_is_handled_modulo_2_to_the_bits():
     # 8 bits: the integer sums wrap; the aggregator's total is still their residue.
     n, dim, bits = 3, 64, 8
