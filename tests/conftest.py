@@ -142,6 +142,8 @@ EXTENDED = {
         "4 subprocesses on forced host devices: 77 CPU s, 323 s wall",
     "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_audit]":
         "14 step audits, one per mechanism path and its 0.87-sigma variant",
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[step_audit_seeds]":
+        "a step audit compiled and 3 seeds: about 40 s loaded",
     "tests/secagg/test_discrete.py::test_low_acceptance_rejection_sampler_leaves_no_coordinate"
     "_unsampled_at_2_to_21": "41 s loaded; CI checks the 8M-draw small-lambda Poisson call",
 }

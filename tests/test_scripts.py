@@ -101,15 +101,32 @@ def check_audit_sharpness(out: str) -> None:
 
 
 def check_bench_audit(out: str) -> None:
-    rows = table(out, "| path | R | seconds | claim | lower bound | bound at 0.87 sigma | caught |")
+    rows = table(out, "| path | R | seconds | claim | lower bound (0.95) | lower bound (0.999) "
+                      "| bound at 0.87 sigma (0.999) | caught |")
     assert [row[0] for row in rows] == ["vmap", "fast", "per_layer", "microbatch", "multi_chunk",
                                         "secagg", "fixed_size"]
     for row in rows:
-        seconds, claim, bound, weak = (num(c) for c in row[2:6])
+        seconds, claim, bound, strict, weak = (num(c) for c in row[2:7])
         assert seconds > 0 and claim > 0
-        # a 95% lower bound on the correct mechanism; at R = 200 it is far below the claim
-        assert 0 <= bound <= claim
-        assert row[6] == ("yes" if weak > claim else "no")
+        # lower bounds on the correct mechanism; at R = 200 far below the claim, and the
+        # 0.999 one below the 0.95 one (same releases)
+        assert 0 <= strict <= bound <= claim
+        assert row[7] == ("yes" if weak > claim else "no")
+
+
+def check_step_audit_seeds(out: str) -> None:
+    rows = table(out, "| sigma | claim | seeds above claim (0.95) | simulated rate "
+                      "| seeds above (0.99) | simulated rate | mean z (+- 3 se) | sd z | KS p "
+                      "| signal / C | noise sd / sigma C | seconds/seed |")
+    assert [row[0] for row in rows] == ["2"]
+    row = rows[0]
+    # the claim: exact GDP at mu = 1/2
+    assert num(row[1]) == pytest.approx(gdp_epsilon(0.5, 1e-5), abs=1e-3)
+    above95, above99 = (int(row[i].split("/")[0]) for i in (2, 4))
+    assert above99 <= above95 <= 3 and row[2].strip().endswith("/ 3")
+    assert 0 <= num(row[3]) <= 1 and 0 <= num(row[5]) <= num(row[3])
+    # 3 seeds of 250 releases: the signal and the noise scale within 25% of the claim's
+    assert abs(num(row[9]) - 1) < 0.25 and abs(num(row[10]) - 1) < 0.25
 
 
 def check_bench_clipping(out: str) -> None:
@@ -245,6 +262,8 @@ SMOKE: dict[str, tuple[list[str], Callable[[str], None]]] = {
     "bench_step": (["--batch-size", "4", "--repeats", "1", "--models", "dp_cnn"],
                    check_bench_step),
     "rdp_compare": (["--quick"], check_rdp_compare),
+    "step_audit_seeds": (["--sigmas", "2", "--seeds", "3", "--trials", "250", "--sim", "20"],
+                         check_step_audit_seeds),
 }
 
 

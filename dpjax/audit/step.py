@@ -274,7 +274,11 @@ class StepAuditor:
 
     def audit(self, seed: int, trials: int, *, delta: float, confidence: float) -> StepAudit:
         """The step audit at one seed (see the module docstring)."""
-        scored = self.scores(seed, trials)
+        return self.judge(self.scores(seed, trials), delta=delta, confidence=confidence)
+
+    def judge(self, scored: StepScores, *, delta: float, confidence: float) -> StepAudit:
+        """The bounds of scored releases against the mechanism's one-step claim."""
+        trials = scored.in_scores.size
         mechanism = self.mechanism
         mu_claimed = mechanism.sensitivity() / mechanism.noise_std
         eps_claimed = one_step_claim(mechanism, delta)

@@ -60,6 +60,8 @@ def test_a_refuted_claim_writes_audit_json_then_exits_non_zero_saying_by_how_muc
     assert result["epsilon_lower_bound"] > result["epsilon_claimed"]
     assert "INCONSISTENT" in broken.stderr and "exceeds it by" in broken.stderr
     assert f"{result['epsilon_claimed']:.4g}" in broken.stderr
+    # the step audit decides at 0.999 (configs/audit/step.yaml) and says what that means
+    assert result["confidence"] == 0.999 and "probability at most 0.001" in broken.stderr
 
 
 def test_the_report_shows_the_audits_and_plots_lower_bound_against_claim(sweep):
