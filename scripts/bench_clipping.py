@@ -14,6 +14,7 @@ from a second), assembled here from ``fast_clipping.make_chunk(two_pass=True)``
 and the library's noise and update, as ``make_dp_step`` does for the others.
 
     python scripts/bench_clipping.py [--rounds 15] [--quick] [--frameworks linen nnx equinox]
+                                     [--models mlp cnn transformer] [--no-memory-table]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from dpjax.train import (  # noqa: E402
 
 PATHS = ("non-private", "vmap DP", "fast DP", "fast DP 2-pass")
 FRAMEWORKS = ("linen", "nnx", "equinox")
+MODELS = ("mlp", "cnn", "transformer")
 LEARNING_RATE = 0.05
 DP = dict(noise_multiplier=1.0, l2_clip_norm=1.0)
 
@@ -461,6 +463,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small batches (a smoke test)")
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--no-memory-table", action="store_true",
+                        help="skip the MLP B=1024 memory comparison")
     args = parser.parse_args()
 
     print(_header(args.rounds))
@@ -471,6 +476,8 @@ def main() -> None:
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for name, kind, batch in workloads(args.quick):
+        if kind not in args.models:
+            continue
         for framework in args.frameworks:
             loss_fn, params = BUILDERS[framework](kind, batch[0])
             steps, params, opt = make_steps(loss_fn, params, batch)
@@ -497,6 +504,8 @@ def main() -> None:
                 print(f"| {name:32} | {'torch' if 'opacus' in label else 'jax':9} "
                       f"| {label:14} | {cells[0]:>7} | {cells[1]:>13} |{' |' * 4}")
 
+    if args.no_memory_table:
+        return
     b = 64 if args.quick else 1024
     images = jax.random.normal(jax.random.PRNGKey(0), (b, 28, 28, 1))
     batch = (images, jnp.zeros((b,), jnp.int32))

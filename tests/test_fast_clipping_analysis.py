@@ -281,3 +281,41 @@ def test_the_rounding_constant_follows_its_formula():
     x = np.random.default_rng(0).standard_normal((3, 37)).astype(np.float32)
     np.testing.assert_allclose(norms.pairwise_sum(jnp.asarray(x)), x.astype(np.float64).sum(1),
                                rtol=1e-6)
+
+
+UNIFORM = {
+    # name: (P as a function of the parameter leaf w [T, D], the axis P is uniform along)
+    "positional_table_at_arange": (
+        lambda w: w[jnp.broadcast_to(jnp.arange(T), (B, T))], 0),
+    "broadcast_bias": (lambda w: jnp.broadcast_to(w[0], (B, T, D)), 0),
+    "time_major_table": (
+        lambda w: jnp.swapaxes(jnp.tanh(w[jnp.broadcast_to(jnp.arange(T), (B, T))]), 0, 1), 1),
+    "scaled_lookup": (
+        lambda w: w[jnp.broadcast_to(jnp.arange(T), (B, T))] * jnp.broadcast_to(w[1], (B, T, D))
+        + jax.lax.broadcasted_iota(jnp.float32, (B, T, D), 1), 0),
+    "window_of_a_broadcast_table": (
+        lambda w: jnp.take(jnp.broadcast_to(w, (B, T, D)), jnp.array([2, 0]), axis=1), 0),
+    "varies_along_the_axis": (lambda w: w[:, :, None] * jnp.arange(5.0), 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNIFORM))
+def test_first_slice_is_the_first_slice_and_pulls_back_alike(name):
+    from dpjax.fast_clipping.plan import first_slice  # noqa: PLC0415
+
+    fn, axis = UNIFORM[name]
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((T, D)), jnp.float32)
+    program = prog.trace(fn, w)
+
+    def sliced(w):
+        return first_slice(program, program.outputs[0], axis, {program.inputs[0]: w})
+
+    def reference(w):
+        return jax.lax.slice_in_dim(fn(w), 0, 1, axis=axis)
+
+    want = reference(w)
+    np.testing.assert_array_equal(sliced(w), want)
+    cot = jnp.asarray(np.random.default_rng(3).standard_normal(want.shape), jnp.float32)
+    (got_grad,) = jax.vjp(sliced, w)[1](cot)
+    (want_grad,) = jax.vjp(reference, w)[1](cot)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)

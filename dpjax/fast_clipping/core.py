@@ -49,6 +49,7 @@ from dpjax.fast_clipping.plan import (
     Use,
     chain_values,
     discover,
+    first_slice,
 )
 from dpjax.models.check import BatchMixingError
 
@@ -231,11 +232,10 @@ def _materialized_grads(plan: Plan, seen, grads, leaves, wanted: set[int]):
             known_inputs = [plan.program.inputs[i] for i in ids]
 
             def phi(*values, use=use, known_inputs=known_inputs):
-                (p,) = prog.evaluate(plan.program, [use.target],
-                                     dict(zip(known_inputs, values, strict=True)))
+                known = dict(zip(known_inputs, values, strict=True))
                 if use.slice_axis is not None:
-                    p = jax.lax.slice_in_dim(p, 0, 1, axis=use.slice_axis)
-                return p
+                    return first_slice(plan.program, use.target, use.slice_axis, known)
+                return prog.evaluate(plan.program, [use.target], known)[0]
 
             _, vjp_fn = jax.vjp(phi, *[leaves[i] for i in ids])
             contributions = jax.vmap(vjp_fn)(per_target)

@@ -52,6 +52,9 @@ import jax.numpy as jnp
 from dpjax.clip_math import zero_bad_rows
 
 RHO = 1e-4
+# The rounding bound assumes products and sums in the compute dtype: no reduced-precision
+# passes (TF32, bf16x3), which some accelerators use for float32 matrix products by default.
+_EXACT = jax.lax.Precision.HIGHEST
 MAX_GHOST_TERMS = 2**24  # [T, T] products per group kept per example: 64 MiB of float32
 Weigher = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -124,6 +127,16 @@ def certified(ghost: jax.Array, bound: jax.Array) -> jax.Array:
     return jnp.where(bound <= 2 * RHO * ghost, ghost, jnp.maximum(ghost, 0) + bound)
 
 
+def _diagonal_norms(gram: jax.Array) -> jax.Array:
+    """``||x_t||`` from the diagonal of a Gram matrix ``[..., T, T]``: no second pass over ``x``.
+
+    Each diagonal entry is a float sum of ``K`` squares, with the same relative
+    error ``gamma_K`` as summing the squares on their own, which is all the bound
+    on ``P`` assumes.
+    """
+    return jnp.sqrt(jnp.diagonal(gram, axis1=-2, axis2=-1))
+
+
 def _compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -144,12 +157,11 @@ def linear_terms(a: jax.Array, g: jax.Array) -> Terms:
         sq = jnp.einsum("bn,bn->b", jnp.einsum("bntk,bntk->bn", a32, a32),
                         jnp.einsum("bntf,bntf->bn", g32, g32))
     elif how == "ghost":
-        gram_a = jnp.einsum("bntk,bnsk->bnts", a32, a32)
-        gram_g = jnp.einsum("bntf,bnsf->bnts", g32, g32)
+        gram_a = jnp.einsum("bntk,bnsk->bnts", a32, a32, precision=_EXACT)
+        gram_g = jnp.einsum("bntf,bnsf->bnts", g32, g32, precision=_EXACT)
         ghost = pairwise_sum((gram_a * gram_g).reshape(b, -1))
-        norms_a = jnp.sqrt(jnp.einsum("bntk,bntk->bnt", a32, a32))
-        norms_g = jnp.sqrt(jnp.einsum("bntf,bntf->bnt", g32, g32))
-        p = jnp.sum(jnp.square(jnp.sum(norms_a * norms_g, axis=2)), axis=1)
+        p = jnp.sum(jnp.square(jnp.sum(_diagonal_norms(gram_a) * _diagonal_norms(gram_g),
+                                       axis=2)), axis=1)
         slack = ghost_slack(k, f, n * t * t, t, unit_roundoff(cd))
         sq = certified(ghost, slack * p)
     else:
@@ -161,6 +173,8 @@ def linear_terms(a: jax.Array, g: jax.Array) -> Terms:
             return weighted_rows(per_example, factor, row_ok)
         az = zero_bad_rows(a, row_ok)
         gz = jnp.where(_row_factor(row_ok, 4, bool), g * _row_factor(factor, 4, g.dtype), 0)
+        if n == 1:  # [B*T, K]^T [B*T, F]: a free reshape, no transposed copy of A or G
+            return jnp.einsum("xk,xf->kf", az.reshape(b * t, k), gz.reshape(b * t, f))[None]
         return jnp.einsum("bntk,bntf->nkf", az, gz)
 
     return Terms(sq, how, weighted_sum)
@@ -177,8 +191,9 @@ def embed_terms(ids: jax.Array, valid: jax.Array, g: jax.Array, vocab: int) -> T
         sq = jnp.einsum("btd,btd->b", g32, g32)
     elif how == "ghost":
         same = (ids[:, :, None] == ids[:, None, :]).astype(cd)
-        ghost = pairwise_sum((same * jnp.einsum("btd,bsd->bts", g32, g32)).reshape(b, -1))
-        norms = jnp.sqrt(jnp.einsum("btd,btd->bt", g32, g32))
+        gram = jnp.einsum("btd,bsd->bts", g32, g32, precision=_EXACT)
+        ghost = pairwise_sum((same * gram).reshape(b, -1))
+        norms = _diagonal_norms(gram)
         p = jnp.einsum("bts,bt,bs->b", same, norms, norms)
         u = unit_roundoff(cd)
         slack = ((1 + gamma(d, u)) * (1 + gamma(tree_depth(t * t), u)) - 1)

@@ -288,12 +288,71 @@ def uniform_axes(program: prog.Program, var, memo: dict) -> frozenset[int]:
             operand, indices = (program.shape(a) for a in op.ins)
             batch_out, window_out = gather_output_axes(p["dimension_numbers"], len(operand),
                                                        len(indices))
-            idx = uniform_axes(program, op.ins[1], memo)
+            # An index batching dimension pairs each index row with its own operand
+            # slice: uniform indices do not make the output uniform along it.
+            paired = set(getattr(p["dimension_numbers"], "start_indices_batching_dims", ()))
+            idx = uniform_axes(program, op.ins[1], memo) - paired
             found |= {batch_out[j] for j in idx if j < len(batch_out)}
             found |= {window_out[d] for d in uniform_axes(program, op.ins[0], memo)
                       if d in window_out and p["slice_sizes"][d] == operand[d]}
     memo[var] = frozenset(found)
     return memo[var]
+
+
+def first_slice(program: prog.Program, var, axis: int, known: dict[int, Any]) -> Any:
+    """``var``'s first slice along ``axis`` (kept, of size 1), from the values in ``known``.
+
+    Where :func:`uniform_axes` proved ``var`` constant along ``axis``, the slice is
+    computed from sliced operands (broadcasts to size 1, a shorter ``iota``,
+    elementwise operations, transposes, gathers at sliced indices): the same
+    function of the parameters as ``slice(var)``, but its pullback has the slice's
+    size, not the batch axis's (a per-example pullback of ``slice(var)`` pads each
+    example's cotangent to the full ``[B, ...]`` value). Elsewhere it is
+    ``slice(var)`` of the whole value.
+    """
+    memo: dict = {}
+
+    def whole(a):
+        return a.value if isinstance(a, prog.Lit) else prog.evaluate(program, [a], known)[0]
+
+    def sliced(a, d: int):
+        shape = program.shape(a)
+        if shape[d] == 1:
+            return whole(a)
+        producer = program.producer.get(a) if isinstance(a, int) else None
+        if producer is None or a in known or d not in uniform_axes(program, a, memo):
+            return jax.lax.slice_in_dim(whole(a), 0, 1, axis=d)
+        op = program.ops[producer]
+        p = op.params
+        new_shape = shape[:d] + (1,) + shape[d + 1:]
+        if op.name == "broadcast_in_dim":
+            dims = tuple(int(j) for j in p["broadcast_dimensions"])
+            x = sliced(op.ins[0], dims.index(d)) if d in dims else whole(op.ins[0])
+            return jax.lax.broadcast_in_dim(x, new_shape, dims)
+        if op.name == "iota":
+            return jax.lax.broadcasted_iota(p["dtype"], new_shape, int(p["dimension"]))
+        if op.name in ELEMENTWISE and len(op.outs) == 1:
+            vals = [sliced(x, d) if len(program.shape(x)) == len(shape) else whole(x)
+                    for x in op.ins]
+            return prog.bind(op.eqn, vals)[0]
+        if op.name == "transpose":
+            return prog.bind(op.eqn, [sliced(op.ins[0], int(p["permutation"][d]))])[0]
+        if op.name == "gather":
+            operand, indices = (program.shape(x) for x in op.ins)
+            dn = p["dimension_numbers"]
+            batch_out, window_out = gather_output_axes(dn, len(operand), len(indices))
+            if d in batch_out:
+                vals = [whole(op.ins[0]), sliced(op.ins[1], batch_out.index(d))]
+                return prog.bind(op.eqn, vals)[0]
+            (e,) = [j for j, o in window_out.items() if o == d]
+            sizes = list(p["slice_sizes"])
+            sizes[e] = 1
+            out = op.eqn.primitive.bind(sliced(op.ins[0], e), whole(op.ins[1]),
+                                        **{**p, "slice_sizes": tuple(sizes)})
+            return out
+        return jax.lax.slice_in_dim(whole(a), 0, 1, axis=d)
+
+    return sliced(var, axis)
 
 
 def _chain(program: prog.Program, var, leaf_of: dict[int, int]):
