@@ -21,10 +21,10 @@ Guarantee: the aggregator sees masked inputs and ``T``, and ``lift(T)`` is
 Skellam / distributed discrete Gaussian mechanism with the sensitivities in
 ``p`` (see :mod:`dpjax.secagg.ddp_params`); account it with
 ``p.accountant_args()``. A party whose conditional rounding fails sends
-noise only; a party whose noise sampler leaves a coordinate unsampled
-(probability far below 2^-100) sends its data as zero too; both are
-reported per party (non-private diagnostics) and the caller should count
-them, and skip the round if any noise failure occurs.
+noise only; if any party's noise sampler leaves a coordinate unsampled
+(probability below 2^-100), :func:`ddp_secure_sum` releases zeros for the
+round (a data-independent event). Both are reported per party (non-private
+diagnostics) for the caller to count.
 """
 
 from __future__ import annotations

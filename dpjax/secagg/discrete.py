@@ -421,9 +421,15 @@ def poisson_inversion_table(lam: float) -> tuple[np.ndarray, np.ndarray]:
 def _inversion_sample(key, size: int, high: jax.Array, low: jax.Array) -> jax.Array:
     """``#{k : W >= C_k}`` for ``size`` uniform 64-bit words ``W`` (two ChaCha20 words each)."""
     words = _words(chacha_key(key), 3, 0, (2, size))
-    w_high, w_low = words[0][:, None], words[1][:, None]
-    at_least = (w_high > high) | ((w_high == high) & (w_low >= low))
-    return jnp.sum(at_least, axis=1, dtype=jnp.int32)
+    w_high, w_low = words[0], words[1]
+
+    # One threshold at a time: a [size, 72] comparison is materialized on CPU (300 bytes a
+    # coordinate, 10 GiB for 2^25 draws); the loop keeps one int32 count per coordinate.
+    def add(k, count):
+        at_least = (w_high > high[k]) | ((w_high == high[k]) & (w_low >= low[k]))
+        return count + at_least.astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, high.shape[0], add, jnp.zeros(size, jnp.int32))
 
 
 def _centered_poisson(key, shape, lam: float) -> tuple[jax.Array, jax.Array]:
