@@ -241,7 +241,9 @@ class StepAuditor:
         self.cfg, self.parts, self.canary_kind, self.chunks = cfg, parts, canary, chunks
         self.mechanism = parts.mechanism
         self.sgd = optax.sgd(1.0)
-        self._steps: dict[Any, DPStep] = {}
+        # loss_fn -> (step, its jitted scorer); input canaries share one loss_fn, each Dirac
+        # canary brings its own
+        self._steps: dict[Any, tuple[DPStep, Any]] = {}
 
     def _step(self, loss_fn) -> tuple[DPStep, Any]:
         if loss_fn not in self._steps:

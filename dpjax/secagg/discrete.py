@@ -235,7 +235,9 @@ def _loop_rounds(size: int, fail: float) -> int:
     unsampled only if the stages leave more than ``32 R >= 2 m + 2048`` (Chernoff:
     probability < 2^-100 for every ``size``; the stage buffers hold 1.1x their
     expected load plus 64, and an overflow only defers coordinates to the loop)
-    or if more than half of the ``64 R`` served slots fail (< 2^-500). The cap
+    or if at least ``R / 2`` served slots fail (a round with fewer than 64
+    coordinates pending and no failed slot ends the loop): probability at most
+    ``(128 e 0.8^64)^(R/2) <= 2^-389``. The cap
     used to be a constant 64 rounds (4096 coordinates): at acceptance ~1/3 and
     ``size >= 2^21`` the stages leave more than that, and the rest came back as 0.
     """
