@@ -253,7 +253,8 @@ class Ledger:
 
     def _discrete_epsilon(self, delta: float, accountant: str) -> float:
         """RDP of the discrete-noise steps (Skellam / distributed discrete Gaussian, with a
-        general Poisson subsampling bound), composed and converted at ``delta``."""
+        Poisson subsampling bound for symmetric noise: ``dpjax.rdp.step_rdp``), composed and
+        converted at ``delta``."""
         import dpjax.rdp as rdp  # noqa: PLC0415  (scipy, only for these runs)
 
         if Accountant(accountant) is not Accountant.RDP:

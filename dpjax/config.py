@@ -319,7 +319,7 @@ def validate(
                   "(skellam and ddgauss are added by each SecAgg party before masking)")
         if d.accountant != "rdp":
             fail("dp.accountant", d.accountant, f"to be 'rdp' with dp.noise={d.noise!r} (its "
-                  "RDP curve is accounted with a general Poisson subsampling bound)")
+                  "RDP curve is Poisson-subsampled in dpjax.rdp; no PLD is implemented)")
         if d.sampling != "poisson":
             fail("dp.sampling", d.sampling, f"to be 'poisson' with dp.noise={d.noise!r}")
     if d.aggregation != "secagg" and d.secagg_bits != 32:

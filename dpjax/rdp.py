@@ -3,7 +3,11 @@
 dp-accounting has no event for the Skellam or the distributed discrete Gaussian
 mechanism, and it subsamples only Gaussian events. This module gives their RDP
 curves from the papers' bounds, subsamples any RDP curve with the general bound
-of Zhu & Wang (2019), composes by adding curves, and converts to (epsilon, delta).
+of Zhu & Wang (2019), or, for additive symmetric noise like theirs, with the
+binomial expansion that is exact for the Gaussian (the remove direction never
+exceeds the add direction when the privacy loss is symmetric:
+:func:`symmetric_loss_lemma_terms`), composes by adding curves, and converts to
+(epsilon, delta).
 
 One DP-SGD step with distributed noise, as the accountant sees it::
 
@@ -28,7 +32,10 @@ Sources:
   Aggregation", arXiv:2102.06387, Theorem 1 (the tau term of a sum of discrete
   Gaussians) and Proposition 14 (the RDP bound with both sensitivities).
 - Subsampling: Zhu, Wang (ICML 2019), "Poisson Subsampled Rényi Differential
-  Privacy", Theorem 5 (general upper bound, integer orders >= 2).
+  Privacy", Theorem 5 (general upper bound, integer orders >= 2); for
+  symmetric losses the add-direction expansion of Mironov, Talwar, Zhang (2019),
+  "Rényi Differential Privacy of the Sampled Gaussian Mechanism", Sec. 3.3, with
+  the lemma proven in :func:`symmetric_loss_lemma_terms`.
 - Conversion: Canonne, Kamath, Steinke (2020), Proposition 12; Balle et al.
   (2020), arXiv:2001.05990, Eq. 20; through dp-accounting's ``rdp.compute_epsilon``.
 """
@@ -168,6 +175,8 @@ def subsampled_rdp(
     orders: Sequence[int] | np.ndarray,
     base_rdp_fn: Callable[[np.ndarray], np.ndarray],
     sample_rate: float,
+    *,
+    symmetric_loss: bool = False,
 ) -> np.ndarray:
     """RDP epsilons at integer ``orders`` of a mechanism run on a Poisson sample of rate ``q``.
 
@@ -182,6 +191,21 @@ def subsampled_rdp(
     + 3 sum_{l=3}^{a} C(a,l) q^l (1-q)^(a-l) e^{(l-1) e(l)}))``;
     the ``min`` holds because subsampling never increases a Rényi divergence
     (quasi-convexity). At ``q = 1`` it is ``e(a)``. Computed in log space.
+
+    ``symmetric_loss=True`` drops the factor 3: ``eps(a) = min(e(a), 1/(a-1) log(
+    (1-q)^(a-1) (1 + (a-1) q) + sum_{l=2}^{a} C(a,l) q^l (1-q)^(a-l) e^{(l-1) e(l)}))``,
+    the exact sampled-Gaussian formula when ``e`` is the Gaussian's. Only for
+    mechanisms whose every neighbouring pair ``(P, Q)`` (``P`` without the
+    element, ``Q`` with it, everything else fixed) has full support and a
+    *symmetric privacy loss*: some invertible map of the outputs carries ``P``
+    to ``Q`` and ``Q`` to ``P``. Additive noise ``N`` with ``N ~ -N`` and full
+    support qualifies: ``P = s + N``, ``Q = s + v + N``, and ``y -> 2s + v - y``
+    swaps them (so do Skellam and sums of discrete Gaussians, also modulo
+    ``2^bits``). Proof (see :func:`symmetric_loss_lemma_terms` for the checked
+    inequality): the add direction ``D_a((1-q)P + qQ || P)`` equals ``1/(a-1)
+    log sum_l C(a,l) (1-q)^(a-l) q^l E_P[(Q/P)^l]`` at integer ``a`` (binomial
+    expansion; ``E_P[(Q/P)^l] = e^{(l-1) D_l(Q||P)}``); the remove direction
+    ``D_a(P || (1-q)P + qQ)`` is never larger when the loss is symmetric.
     """
     a = _orders(orders)
     _validate.sample_rate("sample_rate", sample_rate)
@@ -202,13 +226,44 @@ def subsampled_rdp(
     rest = np.where(inside, af - lf, 0.0)
     log1mq, logq = math.log1p(-q), math.log(q)
     log_comb = special.gammaln(af + 1) - special.gammaln(lf + 1) - special.gammaln(rest + 1)
-    log_three = np.where(lf >= 3, math.log(3.0), 0.0)
+    log_three = np.where((lf >= 3) & (not symmetric_loss), math.log(3.0), 0.0)
     terms = log_three + log_comb + lf * logq + rest * log1mq + (lf - 1) * base[None, :]
     terms = np.where(inside, terms, -np.inf)
     first = (a - 1) * log1mq + np.log1p((a - 1) * q)
     log_sum = special.logsumexp(np.concatenate([first[:, None], terms], axis=1), axis=1)
     bound = np.maximum(log_sum, 0.0) / (a - 1)
     return np.minimum(bound, base_at_a)
+
+
+def symmetric_loss_lemma_terms(ratio, sample_rate: float, order: float) -> np.ndarray:
+    """Add-minus-remove moment gap of one symmetric pair of loss values; ``>= 0`` is the lemma.
+
+    Lemma (used by ``subsampled_rdp(..., symmetric_loss=True)``): let ``L =
+    log(dQ/dP)`` have a law ``m`` under ``P`` that is symmetric in the sense
+    ``m(-dl) = e^l m(dl)`` (true when an invertible map swaps ``P`` and ``Q``).
+    Then for real ``a >= 1`` and ``q`` in [0, 1],
+    ``D_a(P || (1-q)P + qQ) <= D_a((1-q)P + qQ || P)``.
+
+    Proof. With ``M = (1-q)P + qQ`` and ``z(l) = 1 - q + q e^l``, the two
+    exponentiated divergences are ``A = int z^a dm`` (add) and ``B = int z^(1-a)
+    dm`` (remove). Pairing ``l > 0`` with ``-l`` (mass ``x = e^l`` times as
+    large), ``A - B = int_{l>0} G(e^l) dm(l)`` with ``G(x) = u^a + x w^a - u^(1-a)
+    - x w^(1-a)``, ``u = 1 - q + q x``, ``w = 1 - q + q/x``. Write ``a = 1/2 + s``,
+    ``alpha = log u``, ``beta = -log w``: ``G(x) = 2 (sqrt(u) sinh(s alpha) - x
+    sqrt(w) sinh(s beta))``. ``u w = 1 + q(1-q)(x + 1/x - 2) >= 1`` gives
+    ``alpha >= beta >= 0``; at ``s = 1/2`` the bracket is ``(u - 1) - x (1 - w)
+    = 0``; and ``sinh(s alpha) / sinh(s beta)`` is nondecreasing in ``s`` (its
+    log-derivative is ``(g(s alpha) - g(s beta)) / s`` with ``g(t) = t coth t``
+    increasing), so for ``s >= 1/2`` the bracket is ``>= 0``. QED. (For the
+    Gaussian this is Mironov, Talwar, Zhang 2019, Sec. 3.3.)
+
+    Returns ``G(ratio)`` for ``ratio >= 1`` (vectorized): the quantity the
+    tests check to be ``>= 0`` on a grid, next to direct summations.
+    """
+    x = np.asarray(ratio, dtype=np.float64)
+    q, a = float(sample_rate), float(order)
+    u, w = 1 - q + q * x, 1 - q + q / x
+    return u**a + x * w**a - u ** (1 - a) - x * w ** (1 - a)
 
 
 def rdp_to_epsilon(
@@ -294,7 +349,10 @@ def step_rdp(
         noise, party_noise, sample_rate, num_parties, l1_sensitivity, l2_sensitivity, dim, orders
     )
     base = _base_fn(kind, party_noise, num_parties, l1_sensitivity, l2_sensitivity, dim)
-    return subsampled_rdp(orders, base, sample_rate)
+    # Symmetric loss: for fixed rounding uniforms, other examples and sampling, the two
+    # neighbouring releases are s + N and s + v + N (mod 2^bits) with N the honest parties'
+    # symmetric, full-support noise; y -> 2s + v - y swaps them.
+    return subsampled_rdp(orders, base, sample_rate, symmetric_loss=True)
 
 
 def epsilon(
@@ -415,4 +473,5 @@ __all__: Sequence[str] = (
     "skellam_rdp",
     "step_rdp",
     "subsampled_rdp",
+    "symmetric_loss_lemma_terms",
 )

@@ -129,6 +129,76 @@ def test_subsampled_bound_passes_infinite_base_values_through():
     assert np.isfinite(got[0]) and got[1] == np.inf
 
 
+# --- Poisson subsampling of symmetric noise: the add direction bounds the remove one --------
+
+
+def _subsampled_divergences(logp, logq, q, alpha):
+    """Exact (add, remove) Rényi divergences of M = (1-q)P + qQ against P, by summation."""
+    logm = np.logaddexp(math.log1p(-q) + logp, math.log(q) + logq)
+    add = special.logsumexp(alpha * logm + (1 - alpha) * logp) / (alpha - 1)
+    remove = special.logsumexp(alpha * logp + (1 - alpha) * logm) / (alpha - 1)
+    return add, remove
+
+
+def test_symmetric_loss_lemma_holds_on_a_grid_and_fails_without_symmetry():
+    """The lemma's two-point gap G(x) >= 0 for x >= 1, q in (0, 1), orders 1..1024 (it is 0 at
+    x = 1 and at order 1); then on 3000 random pairs on 7 points, symmetric ones (Q = P
+    reversed) never have remove > add, while asymmetric ones do (so the assumption matters)."""
+    for order in (1.0, 1.5, 2, 3, 7, 32, 1024):
+        for q in (1e-4, 0.01, 0.1, 0.5, 0.9, 0.999):
+            x = np.geomspace(1.0, 10 ** min(6.0, 250 / order), 400)
+            scale = np.maximum.reduce([np.ones_like(x), (1 - q + q * x) ** order, x])
+            assert (rdp.symmetric_loss_lemma_terms(x, q, order) / scale >= -1e-12).all()
+    rng = np.random.default_rng(0)
+    worst_symmetric, worst_asymmetric = -np.inf, -np.inf
+    for _ in range(3000):
+        logp = np.log(rng.dirichlet(np.full(7, 0.5)) + 1e-300)
+        q, alpha = rng.uniform(0.01, 0.99), int(rng.integers(2, 9))
+        add, remove = _subsampled_divergences(logp, logp[::-1], q, alpha)
+        worst_symmetric = max(worst_symmetric, remove - add)
+        other = np.log(rng.dirichlet(np.full(7, 0.5)) + 1e-300)
+        add, remove = _subsampled_divergences(logp, other, q, alpha)
+        worst_asymmetric = max(worst_asymmetric, remove - add)
+    assert worst_symmetric <= 1e-9
+    assert worst_asymmetric > 0.1
+
+
+@pytest.mark.parametrize("sigma, q", [(0.7, 0.01), (1.0, 0.1), (4.0, 0.5), (2.0, 1e-3)])
+def test_symmetric_subsampling_of_the_gaussian_is_the_exact_sampled_gaussian(sigma, q):
+    got = rdp.subsampled_rdp(ORDERS, _gaussian_curve(sigma), q, symmetric_loss=True)
+    exact = np.array([_sampled_gaussian_rdp(q, sigma, int(a)) for a in ORDERS])
+    np.testing.assert_allclose(got, np.minimum(exact, ORDERS / (2 * sigma**2)), rtol=1e-9)
+    general = rdp.subsampled_rdp(ORDERS, _gaussian_curve(sigma), q)
+    assert (got <= general * (1 + FLOAT_RTOL)).all()
+    # dp-accounting at the same integer orders: the same epsilon
+    eps = rdp.rdp_to_epsilon(ORDERS, 100 * got, 1e-5)
+    assert eps == pytest.approx(_dp_accounting_epsilon(sigma, q, 100, 1e-5, ORDERS), rel=1e-7)
+
+
+@pytest.mark.parametrize("noise", ["skellam", "ddgauss"])
+def test_subsampled_discrete_step_bounds_the_exact_subsampled_divergences(noise):
+    """One Poisson-sampled step of Skellam (total variance 400) or the sum of two discrete
+    Gaussians (sigma 1.5 each), shift 3, q 0.1 and 0.5: both exact directions, summed over the
+    pmfs, stay below step_rdp at every order 2..16; observed step_rdp / max(add, remove) at
+    most 1.0042 for Skellam (the paper's extra term; 1.35 at variance 40, order 16) and
+    1.0000 for the two DGs."""
+    shift, orders = 3, np.array([2, 3, 4, 6, 8, 12, 16])
+    if noise == "skellam":
+        logp, party_noise, parties = _skellam_logpmf(400.0, 800), 200.0, 2
+    else:
+        one = _discrete_gaussian_logpmf(1.5, 120)
+        logp, party_noise, parties = _log_convolve(one, one), 1.5, 2
+    assert math.exp(special.logsumexp(logp)) == pytest.approx(1.0, abs=1e-12)
+    logq = np.concatenate([np.full(shift, -np.inf), logp[:-shift]])
+    for q in (0.1, 0.5):
+        exact = np.array([max(_subsampled_divergences(logp[shift:-shift], logq[shift:-shift],
+                                                      q, int(a))) for a in orders])
+        bound = rdp.step_rdp(party_noise, q, noise=noise, num_parties=parties,
+                             l1_sensitivity=shift, l2_sensitivity=shift, dim=1, orders=orders)
+        assert (bound >= exact * (1 - FLOAT_RTOL)).all()
+        assert (bound <= 1.01 * exact).all()
+
+
 # --- Skellam ------------------------------------------------------------------------------
 
 
@@ -268,22 +338,26 @@ def test_discrete_epsilons_approach_the_gaussian_as_mu_grows():
 
 def test_realistic_dp_sgd_settings_against_the_gaussian(capsys):
     """sigma 1, q 0.01, T 1000, delta 1e-5, d 2^16, scale 2^14 (rounding adds 1.6% to the L2
-    sensitivity), 10 parties. Observed: Gaussian 2.1014 (dp-accounting), 2.4503 (the same Gaussian
-    through the general subsampling bound), Skellam 2.5477, DDG 2.5477: the discrete epsilon is
-    4.0% above the Gaussian under the same subsampling bound and 21% above dp-accounting's tight
-    one; the general bound alone accounts for 16.6% of that."""
+    sensitivity), 10 parties. Observed: Gaussian 2.1014 (dp-accounting), 2.1774 (dp-accounting
+    at the rounding-inflated sensitivity), 2.4503 (the Gaussian through Zhu & Wang's general
+    subsampling bound), Skellam and DDG 2.2058: 5.0% above the Gaussian (the issue's target:
+    10%), 1.3% above it at the same sensitivity (the mechanisms' own terms and integer-only
+    orders); through the general bound they were 2.5477, 21% above."""
     z, q, steps, delta = 1.0, 0.01, 1000, 1e-5
+    scale, dim = 2.0**14, 2**16
     tight = accounting.epsilon(z, q, steps, delta)
+    same_sensitivity = accounting.epsilon(z * scale / (scale + math.sqrt(dim)), q, steps, delta)
     general = rdp.rdp_to_epsilon(
         ORDERS, steps * rdp.subsampled_rdp(ORDERS, _gaussian_curve(z), q), delta
     )
-    sk, dg = _discrete_epsilons(z, q, steps, delta, scale=2.0**14, dim=2**16, num_parties=10)
+    sk, dg = _discrete_epsilons(z, q, steps, delta, scale=scale, dim=dim, num_parties=10)
     with capsys.disabled():
-        print(f"\n  gaussian tight {tight:.4f}  gaussian general {general:.4f}  "
-              f"skellam {sk:.4f}  ddgauss {dg:.4f}")
+        print(f"\n  gaussian tight {tight:.4f}  at L2 {same_sensitivity:.4f}  gaussian general "
+              f"{general:.4f}  skellam {sk:.4f}  ddgauss {dg:.4f}")
     assert tight <= general <= 1.17 * tight
     for discrete in (sk, dg):
-        assert general <= discrete <= 1.10 * general
+        assert same_sensitivity <= discrete <= 1.02 * same_sensitivity
+        assert discrete <= 1.10 * tight
 
 
 # --- conversion, composition, calibration -------------------------------------------------
