@@ -36,6 +36,10 @@ EXTENDED = {
     "tests/test_distributed.py::test_the_cases_exercise_padding_and_several_chunks": "8 devices",
     "tests/test_distributed.py::test_training_on_2_devices_from_the_command_line": "2 CLI runs",
     "tests/test_distributed.py::test_two_processes_with_jax_distributed": "2 processes, 35 s",
+    "tests/audit/test_step_audit.py::test_the_step_audit_is_consistent_sharp_and_flags_a_broken"
+    "_variant[ddgauss]": "25 s: the distributed discrete Gaussian path (Skellam's in CI)",
+    "tests/secagg/test_alias.py::test_skellam_float64_pmf_matches_mpmath_at_the_largest_checked"
+    "_scale": "60 s of mpmath series at mu = 2e5; CI checks the tables' TV up to mu = 2000",
     "tests/audit/test_step_audit.py::test_the_step_audit_on_two_devices": "75 s",
     "tests/audit/test_one_run.py::test_the_one_run_audit_is_consistent_on_the_correct_mechanism"
     "_over_five_seeds": "5 training runs; CI runs the one-run CLI audit",
@@ -179,12 +183,22 @@ def cnn_problem():
 def break_mechanism(monkeypatch):
     """``break_mechanism(how)`` breaks the library for the rest of the test, as the audits'
     broken variants do: ``"noise"`` divides every noise multiplier by 4
-    (``noise.privatize``), ``"clip"`` makes clipping not clip (``clip_math.clip_factors``
-    is 1 on every live row; NaN norms stay NaN). An audit must flag both."""
+    (``noise.privatize``), ``"party_noise"`` divides the standard deviation of every
+    distributed-DP party's discrete noise by 4 (``ddp.party_noise``), ``"clip"`` makes
+    clipping not clip (``clip_math.clip_factors`` is 1 on every live row; NaN norms stay
+    NaN). An audit must flag each."""
+    import dataclasses  # noqa: PLC0415
+
     from dpjax import clip_math, noise  # noqa: PLC0415
+    from dpjax.secagg import ddp  # noqa: PLC0415
 
     def apply(how: str) -> None:
-        if how == "noise":
+        if how == "party_noise":
+            real_party = ddp.party_noise
+            monkeypatch.setattr(ddp, "party_noise", lambda key, params: real_party(
+                key, dataclasses.replace(params,
+                                         party_noise_variance=params.party_noise_variance / 16)))
+        elif how == "noise":
             real = noise.privatize
             monkeypatch.setattr(noise, "privatize", lambda s, k, **kw: real(
                 s, k, **{**kw, "noise_multiplier": kw["noise_multiplier"] / 4}))
@@ -192,6 +206,6 @@ def break_mechanism(monkeypatch):
             monkeypatch.setattr(clip_math, "clip_factors",
                                 lambda norms, mask, c: mask * (norms == norms))
         else:
-            raise ValueError(f"Expected how={how!r} to be 'noise' or 'clip'.")
+            raise ValueError(f"Expected how={how!r} to be 'noise', 'party_noise' or 'clip'.")
 
     return apply

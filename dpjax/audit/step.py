@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import dpjax.accounting as accounting
 import dpjax.audit.canaries as canaries
 import dpjax.audit.stats as stats
 import dpjax.distributed as distributed
@@ -73,10 +74,10 @@ class StepAudit:
     relation: str
     confidence: float  # a correct mechanism exceeds its claim with probability <= 1 - this
     # Could this audit have caught a noise 15% too small? The claim the same mechanism would
-    # make with 1.15x the noise (exact for Gaussian noise; None for distributed noise, whose
-    # claim is an RDP bound), and whether the lower bound exceeds it.
-    epsilon_claimed_at_1_15_noise: float | None
-    sharp: bool | None
+    # make with 1.15x the noise (exact for Gaussian noise; for distributed noise its RDP
+    # claim at 1.15x the noise), and whether the lower bound exceeds it.
+    epsilon_claimed_at_1_15_noise: float
+    sharp: bool
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,19 +203,25 @@ def release_scores(step: DPStep, state, partial, round_input, num_chunks: int, o
     return _run_blocks(block, state, partial, round_input, offset, trials, others, direction)
 
 
-def one_step_claim(mechanism, delta: float) -> float:
+def one_step_claim(mechanism, delta: float, noise_scale: float = 1.0) -> float:
     """The mechanism's own claim for one step without subsampling, at ``delta``.
 
     Gaussian noise: exact, the GDP epsilon of ``mu = sensitivity / noise_std``.
     Distributed discrete noise: what its accountant claims for one step at sample
     rate 1 (the RDP of the Skellam / distributed discrete Gaussian mechanism,
     converted): an upper bound that is not exact, since no exact privacy profile of
-    these mechanisms is implemented.
+    these mechanisms is implemented. ``noise_scale``: the claim the same mechanism
+    would make with its noise standard deviation times ``noise_scale`` (same
+    sensitivity; for sharpness).
     """
     if not mechanism.distributed:
-        return gdp_epsilon(mechanism.sensitivity() / mechanism.noise_std, delta)
-    one = dataclasses.replace(mechanism, sample_rate=1.0)
-    return one.epsilon(1, delta, "rdp")
+        return gdp_epsilon(mechanism.sensitivity() / mechanism.noise_std / noise_scale, delta)
+    segment = dataclasses.replace(mechanism, sample_rate=1.0).segment(1)
+    discrete = dict(segment.discrete)
+    # Skellam's party noise is a variance, the discrete Gaussian's a standard deviation
+    discrete["party_noise"] *= noise_scale**2 if discrete["noise"] == "skellam" else noise_scale
+    segment = dataclasses.replace(segment, discrete=discrete)
+    return accounting.Ledger((segment,)).epsilon(delta, "rdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +291,7 @@ class StepAuditor:
         mechanism = self.mechanism
         mu_claimed = mechanism.sensitivity() / mechanism.noise_std
         eps_claimed = one_step_claim(mechanism, delta)
-        more_noise = (None if mechanism.distributed
-                      else float(gdp_epsilon(mu_claimed / SHARPNESS_NOISE_RATIO, delta)))
+        more_noise = float(one_step_claim(mechanism, delta, SHARPNESS_NOISE_RATIO))
         kw = dict(delta=delta, confidence=confidence)
         eps_gdp = stats.epsilon_lower_bound(scored.in_scores, scored.out_scores, method="gdp",
                                             **kw)
@@ -298,7 +304,7 @@ class StepAuditor:
                          epsilon_lower_bound_clopper_pearson=float(eps_cp),
                          canary=scored.canary, relation=str(mechanism.relation),
                          confidence=confidence, epsilon_claimed_at_1_15_noise=more_noise,
-                         sharp=None if more_noise is None else bool(eps_gdp > more_noise))
+                         sharp=bool(eps_gdp > more_noise))
 
 
 def run_step_audit(cfg: RunConfig, parts: Parts, *, trials: int, seed: int, canary: str,

@@ -1,5 +1,11 @@
 """Discrete noise for distributed DP: discrete Gaussian and Skellam samplers in ``jnp``.
 
+Discrete Gaussian and Skellam draws with a standard deviation up to
+``alias.ALIAS_MAX_STD`` (2^10) come from an exact 64-bit alias table
+(:mod:`dpjax.secagg.alias`: total variation below ``2^-48`` per draw, two
+ChaCha20 words and two gathers, no loop); the samplers below serve larger ones
+and the Poisson draws.
+
 Poisson draws with ``lam < POISSON_INVERSION_MAX_LAM`` (16) come from exact
 inversion: a uniform 64-bit value (two ChaCha20 words) is compared, as
 integers, with a 72-entry table of ``floor(2^64 P(X <= k))`` computed on the
@@ -65,6 +71,7 @@ import numpy as np
 from jax import lax
 from scipy import stats
 
+from dpjax.secagg import alias
 from dpjax.secagg.chacha import chacha20_stream
 
 # Proposals stay below 23 * 2^19 < 2^24, so every integer involved is exact in float32.
@@ -345,6 +352,7 @@ def discrete_gaussian(
 ) -> tuple[jax.Array, jax.Array]:
     """I.i.d. draws from the discrete Gaussian ``N_Z(0, sigma^2)``, ``P(y) ~ exp(-y^2/2sigma^2)``.
 
+    ``sigma <= 2^10``: the exact alias table of :mod:`dpjax.secagg.alias`. Above:
     Algorithm 3 of Canonne, Kamath, Steinke 2020 with ``t = 2^round(log2 sigma)``
     (any ``t > 0`` is exact; this one makes ``U`` a slice of random bits):
     accept ``y`` with probability ``exp(-(|y| - sigma^2/t)^2 / (2 sigma^2))``.
@@ -362,6 +370,8 @@ def discrete_gaussian(
     """
     sigma = float(sigma)
     _check_scale("sigma", sigma, sigma)
+    if sigma <= alias.ALIAS_MAX_STD:
+        return alias.sample(chacha_key(key), _shape(shape), "dgauss", sigma), jnp.int32(0)
     consts, acceptance = discrete_gaussian_constants(sigma)
     return _sample(key, shape, _dg_accept, consts, acceptance)
 
@@ -466,7 +476,8 @@ def poisson(key: jax.Array, shape: tuple[int, ...], lam: float) -> tuple[jax.Arr
 def skellam(key: jax.Array, shape: tuple[int, ...], mu: float) -> tuple[jax.Array, jax.Array]:
     """I.i.d. draws from the symmetric Skellam ``Sk(mu)``: ``P1 - P2``, ``P1, P2 ~ Poisson(mu/2)``.
 
-    Variance ``mu``. Each Poisson comes from :func:`poisson`'s sampler (exact
+    Variance ``mu``. ``mu <= 2^20``: the exact alias table of :mod:`dpjax.secagg.alias`
+    (one draw, not two Poissons). Above: each Poisson comes from :func:`poisson`'s sampler (exact
     inversion for ``mu < 32``), centred (``P - floor(mu/2)``), so the
     difference is exact in int32 even when ``mu/2`` is huge. ``0 < mu <= 2^39``
     (each Poisson's standard deviation <= 2^19); one compilation per shape
@@ -478,5 +489,7 @@ def skellam(key: jax.Array, shape: tuple[int, ...], mu: float) -> tuple[jax.Arra
     mu = float(mu)
     _check_scale("mu", mu, math.sqrt(mu / 2))
     shape = _shape(shape)
+    if math.sqrt(mu) <= alias.ALIAS_MAX_STD:
+        return alias.sample(chacha_key(key), shape, "skellam", mu), jnp.int32(0)
     pair, failed = _centered_poisson(key, (2, *shape), mu / 2)
     return pair[0] - pair[1], failed

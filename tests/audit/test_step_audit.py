@@ -4,8 +4,10 @@ Each path runs the real step code of ``experiment=digits_quick`` (a small MLP) i
 seeded mode, R = 3,000 releases per world (the benchmark and the CLI use 20,000).
 Consistent: the lower bound is at most the claim. Sharp: the bound at sigma exceeds
 the claim the same mechanism would make at 1.15 sigma, so a noise 15% too small
-would be caught. Broken variants (the noise divided by 4, or clipping that does not
-clip, both by monkeypatching the library) must be flagged: lower bound > claim.
+would be caught (asserted for the Gaussian paths; the distributed-DP paths' claim is an
+RDP bound, loose enough that sharpness is only reported). Broken variants (the noise
+divided by 4, each party's discrete noise divided by 4, or clipping that does not clip,
+all by monkeypatching the library) must be flagged: lower bound > claim.
 """
 
 import json
@@ -19,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import dpjax.cli  # noqa: F401  (registers the schema)
-from dpjax import noise
+from dpjax import noise, rdp
 from dpjax.assembly import assemble_parts
 from dpjax.audit.gdp import gdp_epsilon
 from dpjax.audit.step import run_step_audit
@@ -36,6 +38,12 @@ PATHS = {  # name: (overrides, chunks, broken variant)
     "secagg": (["dp.aggregation=secagg", "dp.num_parties=4", "dp.secagg_mode=simulation"], 1,
                "clip"),
     "fixed_size": (["dp.sampling=fixed_size"], 1, "noise"),
+    # distributed DP: 4 parties each add Skellam / discrete Gaussian noise in Z_2^16 (the
+    # alias-table samplers at this scale); the claim is the accountant's RDP bound
+    "skellam": (["dp.aggregation=secagg", "dp.num_parties=4", "dp.secagg_mode=simulation",
+                 "dp.noise=skellam", "dp.secagg_bits=16"], 1, "party_noise"),
+    "ddgauss": (["dp.aggregation=secagg", "dp.num_parties=4", "dp.secagg_mode=simulation",
+                 "dp.noise=ddgauss", "dp.secagg_bits=16"], 1, "party_noise"),
 }
 
 
@@ -44,25 +52,48 @@ def _cfg(overrides):
         return OmegaConf.to_object(compose("config", overrides=[*BASE, *overrides]))
 
 
-def _audit(overrides, chunks, seed=0):
+def _audit(overrides, chunks, seed=0, with_mechanism=False):
     cfg = _cfg(overrides)
     parts = assemble_parts(cfg)
-    return run_step_audit(cfg, parts, trials=TRIALS, seed=seed, canary="input", delta=1e-5,
-                          confidence=0.95, chunks=chunks)
+    result = run_step_audit(cfg, parts, trials=TRIALS, seed=seed, canary="input", delta=1e-5,
+                            confidence=0.95, chunks=chunks)
+    return (result, parts.mechanism) if with_mechanism else result
 
 
-def assert_consistent_and_sharp(result):
-    claim_at_more_noise = gdp_epsilon(result.mu_claimed / 1.15, result.delta)
+def _claim_at_more_noise(result, mechanism):
+    """The claim at 1.15x the noise, recomputed here: GDP, or the discrete accountant's
+    one-step RDP epsilon with each party's noise standard deviation times 1.15."""
+    if not mechanism.distributed:
+        return gdp_epsilon(result.mu_claimed / 1.15, result.delta)
+    p = mechanism.clipped.aggregation.params
+    skellam = p.skellam_mu is not None
+    party = p.party_noise_variance * 1.15**2 if skellam else p.ddg_sigma * 1.15
+    return rdp.epsilon(party, result.delta, 1.0, 1, noise=str(p.noise),
+                       num_parties=p.min_honest_survivors, l1_sensitivity=p.l1_sensitivity,
+                       l2_sensitivity=p.l2_sensitivity, dim=p.padded_dim)
+
+
+def assert_consistent_and_sharp(result, mechanism=None):
+    claim_at_more_noise = (gdp_epsilon(result.mu_claimed / 1.15, result.delta)
+                           if mechanism is None else _claim_at_more_noise(result, mechanism))
     assert result.consistent and result.epsilon_lower_bound <= result.epsilon_claimed, result
+    assert result.epsilon_claimed_at_1_15_noise == pytest.approx(claim_at_more_noise, rel=1e-12)
+    assert result.sharp == (result.epsilon_lower_bound > claim_at_more_noise)
+    if mechanism is not None and mechanism.distributed:
+        # The claim is an RDP bound: at sigma 1 its value at 1.15x the noise (4.030) is only
+        # 4.7% below the exact epsilon of these releases (4.221, GDP at the rounding-inflated
+        # noise), so at R = 3,000 the audit is sharp on 6 of 20 seeds (Skellam, 2026-11-30);
+        # sharpness is reported, not asserted (docs/audit.md).
+        return
     assert result.epsilon_lower_bound > claim_at_more_noise, (result, claim_at_more_noise)
-    assert result.sharp and result.epsilon_claimed_at_1_15_noise == claim_at_more_noise
+    assert result.sharp
 
 
 @pytest.mark.parametrize("name", list(PATHS))
 def test_the_step_audit_is_consistent_sharp_and_flags_a_broken_variant(name, break_mechanism):
     overrides, chunks, broken = PATHS[name]
-    result = _audit(overrides, chunks)
-    assert_consistent_and_sharp(result)
+    result, mechanism = _audit(overrides, chunks, with_mechanism=True)
+    assert_consistent_and_sharp(result, mechanism)
     if name == "fixed_size":
         assert result.relation == "replace_one" and result.canary["kind"] == "dirac"
     break_mechanism(broken)

@@ -1,4 +1,9 @@
-"""Discrete Gaussian, Skellam and Poisson samplers against scipy and directly normalized pmfs."""
+"""Discrete Gaussian, Skellam and Poisson samplers against scipy and directly normalized pmfs.
+
+Discrete Gaussian and Skellam draws with a standard deviation up to 2^10 come from the alias
+table (:mod:`dpjax.secagg.alias`), larger ones from the rejection samplers; the ``path``
+parameter runs the goodness-of-fit tests through both (``rejection`` turns the alias table
+off)."""
 
 import math
 
@@ -9,12 +14,25 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpjax.secagg import discrete
+from dpjax.secagg import alias, discrete
 
 N_DRAWS = 100_000  # every goodness-of-fit test below uses this many draws
 # Eager calls share one compiled sampler per shape across noise levels (the scale is traced);
 # test_samplers_run_under_jit checks the same code inside jit.
 SIGNIFICANCE = 1e-3  # chi-square tests reject a correct sampler with probability 1e-3
+
+
+@pytest.fixture
+def rejection(monkeypatch):
+    """Every discrete Gaussian and Skellam draw through the rejection samplers."""
+    monkeypatch.setattr(alias, "ALIAS_MAX_STD", 0.0)
+
+
+@pytest.fixture(params=["alias", "rejection"])
+def path(request):
+    if request.param == "rejection":
+        request.getfixturevalue("rejection")
+    return request.param
 
 
 def _chi_square_pvalue(samples: np.ndarray, support: np.ndarray, pmf: np.ndarray) -> float:
@@ -44,8 +62,8 @@ def _dg_pmf(sigma: float) -> tuple[np.ndarray, np.ndarray]:
     return support, weights / weights.sum()
 
 
-@pytest.mark.parametrize("sigma", [0.8, 5.0, 60.0, 3000.0])
-def test_discrete_gaussian_fits_the_directly_normalized_pmf(sigma):
+@pytest.mark.parametrize("sigma", [0.8, 5.0, 60.0, 1000.0])
+def test_discrete_gaussian_fits_the_directly_normalized_pmf(sigma, path):
     draws, failed = discrete.discrete_gaussian(jax.random.key(11), (N_DRAWS,), sigma)
     assert draws.dtype == jnp.int32 and int(failed) == 0
     samples = np.asarray(draws, np.int64)
@@ -58,8 +76,8 @@ def test_discrete_gaussian_fits_the_directly_normalized_pmf(sigma):
     assert abs(samples.var() - var) < 4 * math.sqrt((fourth - var**2) / N_DRAWS)
 
 
-@pytest.mark.parametrize("mu", [1.4, 30.0, 400.0, 2.0e5])  # 1.4, 30: Poissons by inversion
-def test_skellam_fits_scipy(mu):
+@pytest.mark.parametrize("mu", [1.4, 30.0, 400.0, 2.0e5])  # rejection at 1.4, 30: Poisson inversion
+def test_skellam_fits_scipy(mu, path):
     draws, failed = discrete.skellam(jax.random.key(12), (N_DRAWS,), mu)
     assert draws.dtype == jnp.int32 and int(failed) == 0
     samples = np.asarray(draws, np.int64)
@@ -102,7 +120,7 @@ def test_poisson_at_small_lam_has_no_excess_mass_at_zero_over_8m_draws():
 
 
 @pytest.mark.slow  # ~30 s: a 2^21 rejection sampler compile and run
-def test_low_acceptance_rejection_sampler_leaves_no_coordinate_unsampled_at_2_to_21():
+def test_low_acceptance_rejection_sampler_leaves_no_coordinate_unsampled_at_2_to_21(rejection):
     # sigma = 0.3: acceptance 0.30 per candidate, so the staged candidates leave ~0.0043 * 2^21
     # ~ 9000 coordinates to the final loop; its old fixed 64 x 64 capacity left 5026 of them
     # unsampled (returned as 0). P(0) within 4 standard errors of the normalized pmf's.
@@ -199,7 +217,7 @@ def test_noise_depends_only_on_its_own_key():
 
 
 @pytest.mark.slow  # two fresh compilations (~10 s idle)
-def test_samplers_run_under_jit_and_return_integers():
+def test_samplers_run_under_jit_and_return_integers(path):
     @jax.jit
     def draw(key):
         g, g_failed = discrete.discrete_gaussian(key, (3, 5), 2.5)

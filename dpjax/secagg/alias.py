@@ -1,0 +1,166 @@
+"""Skellam and discrete Gaussian noise from an exact 64-bit alias table (moderate scales).
+
+For a standard deviation up to ``ALIAS_MAX_STD`` (2^10) the whole distribution
+fits a table, and one uniform 64-bit word per draw gives a value in constant
+time with two gathers (Walker's alias method, built in exact integers):
+
+1. the values ``v_0 < ... < v_{n-1}``: a centred window that leaves out less
+   than ``2^-81`` of the mass on each side (a Chernoff bound, :func:`half_width`);
+2. each value's probability in 64-bit fixed point, ``A_j = C_j - C_{j-1}`` with
+   ``C_j = floor(2^64 S_j / S)``, ``S_j`` the partial sums of ``floor(p_j 2^80)``
+   and ``S`` their total (Python integers, exact), so ``sum A_j = 2^64``;
+   ``p_j`` in float64: ``scipy.special.ive`` for Skellam (``e^{-mu} I_k(mu)``),
+   ``exp(-v^2 / (2 sigma^2))`` for the discrete Gaussian;
+3. Vose's alias construction in integers over ``2^D >= n`` slots of
+   ``2^(64-D)`` units each: slot ``i`` keeps ``thr_i`` units for ``v_i`` and
+   gives the rest to ``v_alias(i)``.
+
+A draw splits a uniform 64-bit ``W`` (two ChaCha20 words) into the slot (its
+top ``D`` bits) and a remainder ``R`` (the other ``64 - D``), and returns
+``v_i`` if ``R < thr_i`` else ``v_alias(i)``. Each value then has probability
+exactly ``A_j / 2^64``, within ``2^-64`` of ``S_j / S``: the total variation
+from the exact law is at most the window's tails (``2^-80``), ``n 2^-80`` of
+fixed point, ``n 2^-64``, and the float64 pmf's own error (measured against
+mpmath in the tests: below ``2^-48`` per draw; the rejection samplers of
+:mod:`dpjax.secagg.discrete` are within ``~2^-20`` per acceptance). Every draw
+costs the same: no loop, nothing data- or word-dependent, no coordinate left
+unsampled, and it vectorizes under ``vmap`` (the step audit).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import special
+
+from dpjax.secagg.chacha import chacha20_stream
+
+# Skellam's float64 pmf (scipy's ive) is checked against mpmath up to mu = 2e5 (std 447):
+# relative error <= 1e-13 out to 10 standard deviations.
+ALIAS_MAX_STD = 2.0**10
+_TAIL_LOG = -81 * math.log(2)  # each tail left out of the window: < 2^-81
+_FIXED_BITS = 80
+_NOISE_STREAM = 5  # ChaCha20 stream (nonce word 0) of the alias sampler's words
+
+
+def _skellam_log_tail(mu: float, k: int) -> float:
+    """Chernoff: ``log P(Sk(mu) >= k) <= mu (cosh t - 1) - t k`` at ``t = asinh(k / mu)``."""
+    r = k / mu
+    return mu * (math.sqrt(1 + r * r) - 1) - k * math.asinh(r)
+
+
+def half_width(noise: str, scale: float) -> int:
+    """The window ``|v| <= half_width`` outside which each tail has mass ``< 2^-81``.
+
+    Skellam (``scale = mu``): the Chernoff bound above (``E e^{tX} =
+    exp(mu (cosh t - 1))``). Discrete Gaussian (``scale = sigma``):
+    ``P(X >= k) <= exp(-k^2 / (2 sigma^2))`` (the discrete Gaussian is
+    sub-Gaussian with variance proxy ``sigma^2``: Canonne, Kamath, Steinke 2020).
+    """
+    if noise == "dgauss":
+        return math.ceil(scale * math.sqrt(-2 * _TAIL_LOG)) + 1
+    k = math.ceil(10 * math.sqrt(scale)) + 1
+    while _skellam_log_tail(scale, k) > _TAIL_LOG:
+        k += max(1, k // 16)
+    return k
+
+
+def _pmf(noise: str, scale: float, values: np.ndarray) -> np.ndarray:
+    if noise == "skellam":  # e^{-mu} I_k(mu): the pmf of Sk(mu) (I_{-k} = I_k)
+        return special.ive(np.abs(values).astype(np.float64), scale)
+    return np.exp(-(values.astype(np.float64) ** 2) / (2 * scale * scale))
+
+
+def _check(noise: str, scale: float) -> None:
+    if noise not in ("skellam", "dgauss"):
+        raise ValueError(f"Expected noise={noise!r} to be 'skellam' or 'dgauss'.")
+    std = math.sqrt(scale) if noise == "skellam" else scale
+    if not (math.isfinite(scale) and scale > 0 and std <= ALIAS_MAX_STD):
+        raise ValueError(f"Expected a {noise} scale={scale!r} > 0 with standard deviation <= "
+                         f"{ALIAS_MAX_STD:g} for the alias table.")
+
+
+@functools.lru_cache(maxsize=32)
+def table_pmf(noise: str, scale: float) -> tuple[int, list[int]]:
+    """``(lowest value, [A_0, ..., A_{n-1}])``: the exact probabilities, in units of
+    ``2^-64`` (they sum to ``2^64``), of the values ``lowest .. lowest + n - 1``."""
+    _check(noise, scale)
+    w = half_width(noise, scale)
+    fixed = [int(x) for x in np.floor(np.ldexp(_pmf(noise, scale, np.arange(-w, w + 1)),
+                                               _FIXED_BITS))]
+    # values of mass < 2^-80 at the ends are left out with the tails
+    first = next(i for i, a in enumerate(fixed) if a)
+    last = len(fixed) - next(i for i, a in enumerate(reversed(fixed)) if a)
+    fixed = fixed[first:last]
+    total, running, previous, units = sum(fixed), 0, 0, []
+    for a in fixed:
+        running += a
+        threshold = (running << 64) // total  # the last one is exactly 2^64
+        units.append(threshold - previous)
+        previous = threshold
+    return first - w, units
+
+
+@functools.lru_cache(maxsize=32)
+def alias_table(noise: str, scale: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(packed, thr_low, lowest)``: the alias table of :func:`table_pmf` over ``2^D`` slots.
+
+    ``packed[i] = (thr_i >> 32) << D | alias(i)`` and ``thr_low[i] = thr_i mod 2^32``
+    (``uint32``), ``thr_i < 2^(64-D)`` the units slot ``i`` keeps for ``v_i``.
+    """
+    lowest, units = table_pmf(noise, scale)
+    depth = max(1, (len(units) - 1).bit_length())
+    slots, cap = 1 << depth, 1 << (64 - depth)
+    mass = units + [0] * (slots - len(units))
+    thr, alias = [cap] * slots, list(range(slots))
+    small = [i for i, a in enumerate(mass) if a < cap]
+    large = [i for i, a in enumerate(mass) if a >= cap]
+    while small and large:
+        s, g = small.pop(), large.pop()
+        thr[s], alias[s] = mass[s], g
+        mass[g] -= cap - mass[s]
+        (small if mass[g] < cap else large).append(g)
+    # exact units: whatever is left holds exactly cap and keeps itself (alias(i) = i, set
+    # above); thr = cap does not fit 64 - D bits, and with alias(i) = i, 0 means the same
+    if any(mass[i] != cap for i in small + large):
+        raise AssertionError("alias construction lost units")  # impossible: totals are 2^64
+    thr = [0 if t == cap else t for t in thr]
+    packed = np.array([((t >> 32) << depth) | a for t, a in zip(thr, alias, strict=True)],
+                      dtype=np.uint32)
+    thr_low = np.array([t & 0xFFFFFFFF for t in thr], dtype=np.uint32)
+    return packed, thr_low, lowest
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _draw(key256, size: int, packed, thr_low, lowest):
+    depth = packed.shape[0].bit_length() - 1  # static
+    nonce = jnp.array([_NOISE_STREAM, 0, 0], jnp.uint32)
+    words = chacha20_stream(key256, nonce, 2 * size).reshape(2, size)
+    w_high, w_low = words[0], words[1]
+    slot = (w_high >> (32 - depth)).astype(jnp.int32)
+    entry, t_low = packed[slot], thr_low[slot]
+    t_high, alias = entry >> depth, (entry & ((1 << depth) - 1)).astype(jnp.int32)
+    r_high = w_high & jnp.uint32((1 << (32 - depth)) - 1)
+    keep = (r_high < t_high) | ((r_high == t_high) & (w_low < t_low))
+    return jnp.where(keep, slot, alias) + lowest
+
+
+def sample(key256: jax.Array, shape: tuple[int, ...], noise: str, scale: float) -> jax.Array:
+    """``shape`` i.i.d. draws (int32) of ``Sk(scale)`` or ``N_Z(0, scale^2)``.
+
+    ``key256``: the 256-bit ChaCha20 key (``uint32[8]``) of whoever adds the noise.
+    One compilation per (shape, table depth).
+    """
+    packed, thr_low, lowest = alias_table(noise, float(scale))
+    size = math.prod(shape)
+    if size == 0:
+        return jnp.zeros(shape, jnp.int32)
+    return _draw(key256, size, jnp.asarray(packed), jnp.asarray(thr_low),
+                 jnp.int32(lowest)).reshape(shape)
+
+
+__all__ = ["ALIAS_MAX_STD", "alias_table", "half_width", "sample", "table_pmf"]
