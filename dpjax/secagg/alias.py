@@ -5,7 +5,9 @@ fits a table, and one uniform 64-bit word per draw gives a value in constant
 time with two gathers (Walker's alias method, built in exact integers):
 
 1. the values ``v_0 < ... < v_{n-1}``: a centred window that leaves out less
-   than ``2^-81`` of the mass on each side (a Chernoff bound, :func:`half_width`);
+   than ``2^-81`` of the mass on each side (a Chernoff bound, :func:`half_width`),
+   minus the end values whose mass rounds to 0 in 80-bit fixed point (after which
+   at most ~2^-73 per side is left out: 2^-73.3 at ``mu = 2^20``);
 2. each value's probability in 64-bit fixed point, ``A_j = C_j - C_{j-1}`` with
    ``C_j = floor(2^64 S_j / S)``, ``S_j`` the partial sums of ``floor(p_j 2^80)``
    and ``S`` their total (Python integers, exact), so ``sum A_j = 2^64``;
@@ -20,9 +22,16 @@ top ``D`` bits) and a remainder ``R`` (the other ``64 - D``), and returns
 ``v_i`` if ``R < thr_i`` else ``v_alias(i)``. Each value then has probability
 exactly ``A_j / 2^64``, within ``2^-64`` of ``S_j / S``: the total variation
 from the exact law is at most the window's tails (``2^-80``), ``n 2^-80`` of
-fixed point, ``n 2^-64``, and the float64 pmf's own error (measured against
-mpmath in the tests: below ``2^-48`` per draw; the rejection samplers of
-:mod:`dpjax.secagg.discrete` are within ``~2^-20`` per acceptance). Every draw
+fixed point, ``n 2^-64``, and the float64 pmf's own error, which grows with
+Skellam's ``mu`` (against mpmath: per draw 2^-48.6 at ``mu = 2000`` (tested),
+2^-46.5 at 2e5 and 2^-45.4 at the table's limit ``2^20``; discrete Gaussian at
+most 2^-51.4, at ``sigma = 2^10``; the rejection samplers of
+:mod:`dpjax.secagg.discrete` are within ``~2^-20`` per acceptance). This
+distance is stated, not added to delta: a coupling adds at most ``n d T`` times
+it (``1.4e-5`` at ``d = 2^16``, ``n = 10``, ``T = 1000`` near the limit). The
+accountant's no-factor-3 subsampling lemma assumes the ideal symmetric noise;
+the table's is symmetric up to 1 unit of ``2^-64`` at two values and is
+covered only through this distance. Every draw
 costs the same: no loop, nothing data- or word-dependent, no coordinate left
 unsampled, and it vectorizes under ``vmap`` (the step audit).
 """
@@ -85,7 +94,7 @@ def _check(noise: str, scale: float) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def table_pmf(noise: str, scale: float) -> tuple[int, list[int]]:
+def table_pmf(noise: str, scale: float) -> tuple[int, tuple[int, ...]]:
     """``(lowest value, [A_0, ..., A_{n-1}])``: the exact probabilities, in units of
     ``2^-64`` (they sum to ``2^64``), of the values ``lowest .. lowest + n - 1``."""
     _check(noise, scale)
@@ -102,7 +111,7 @@ def table_pmf(noise: str, scale: float) -> tuple[int, list[int]]:
         threshold = (running << 64) // total  # the last one is exactly 2^64
         units.append(threshold - previous)
         previous = threshold
-    return first - w, units
+    return first - w, tuple(units)  # cached: immutable
 
 
 @functools.lru_cache(maxsize=32)
@@ -115,7 +124,7 @@ def alias_table(noise: str, scale: float) -> tuple[np.ndarray, np.ndarray, int]:
     lowest, units = table_pmf(noise, scale)
     depth = max(1, (len(units) - 1).bit_length())
     slots, cap = 1 << depth, 1 << (64 - depth)
-    mass = units + [0] * (slots - len(units))
+    mass = [*units, *[0] * (slots - len(units))]
     thr, alias = [cap] * slots, list(range(slots))
     small = [i for i, a in enumerate(mass) if a < cap]
     large = [i for i, a in enumerate(mass) if a >= cap]
@@ -132,6 +141,8 @@ def alias_table(noise: str, scale: float) -> tuple[np.ndarray, np.ndarray, int]:
     packed = np.array([((t >> 32) << depth) | a for t, a in zip(thr, alias, strict=True)],
                       dtype=np.uint32)
     thr_low = np.array([t & 0xFFFFFFFF for t in thr], dtype=np.uint32)
+    packed.setflags(write=False)  # cached: a caller must not corrupt the process's table
+    thr_low.setflags(write=False)
     return packed, thr_low, lowest
 
 

@@ -2,7 +2,7 @@
 
 Discrete Gaussian and Skellam draws with a standard deviation up to
 ``alias.ALIAS_MAX_STD`` (2^10) come from an exact 64-bit alias table
-(:mod:`dpjax.secagg.alias`: total variation below ``2^-48`` per draw, two
+(:mod:`dpjax.secagg.alias`: total variation 2^-45 to 2^-57 per draw, two
 ChaCha20 words and two gathers, no loop); the samplers below serve larger ones
 and the Poisson draws.
 
@@ -71,7 +71,7 @@ import numpy as np
 from jax import lax
 from scipy import stats
 
-from dpjax.secagg import alias
+import dpjax.secagg.alias as alias
 from dpjax.secagg.chacha import chacha20_stream
 
 # Proposals stay below 23 * 2^19 < 2^24, so every integer involved is exact in float32.

@@ -58,7 +58,7 @@ def test_the_alias_table_gives_each_value_exactly_its_units(noise, scale):
         assert kept < cap
         got[i] += kept
         got[other] += cap - kept
-    assert lo == lowest and got[: len(units)] == units and not any(got[len(units):])
+    assert lo == lowest and got[: len(units)] == list(units) and not any(got[len(units):])
 
 
 def test_skellam_float64_pmf_matches_mpmath_at_the_largest_checked_scale():
