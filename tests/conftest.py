@@ -131,7 +131,8 @@ EXTENDED = {
     "_convolution[case1]": "5 s",
     "tests/test_fast_clipping_analysis.py::test_conv_patches_times_the_kernel_reproduce_the"
     "_convolution[case3]": "6 s",
-    "tests/test_fast_clipping.py::test_two_pass_mode_matches_the_reference_with_nonfinite_rows"
+    "tests/test_fast_clipping_modes.py::test_two_pass_mode_matches_the_reference_with_nonfinite"
+    "_rows"
     "[nnx_cnn]": "5 s",
     # benchmark scripts' smoke runs (tests/test_scripts.py), cold compilation cache: CPU
     # seconds (load-independent), then wall seconds on the 2-core machine under load 5-12,
