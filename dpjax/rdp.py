@@ -65,7 +65,10 @@ MAX_ORDER = 4096
 
 
 class DiscreteNoise(enum.StrEnum):
-    """The per-party noise of distributed DP; closed, because each has its own proof."""
+    """The per-party noise of distributed DP; closed, because each has its own proof.
+
+    Every member must be symmetric, full-support additive noise: :func:`step_rdp`
+    subsamples it with ``symmetric_loss=True`` (no factor 3), which needs that."""
 
     SKELLAM = "skellam"
     DDGAUSS = "ddgauss"
