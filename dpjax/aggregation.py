@@ -48,7 +48,7 @@ from dpjax.secagg.aggregate import (
     secure_sum,
     unflatten_party,
 )
-from dpjax.secagg.ddp_params import DDPParams
+from dpjax.secagg.ddp_params import DDPParams, Unit
 from dpjax.secagg.encoding import check_no_wrap, encode, quantization_error_bound
 
 PyTree = Any
@@ -250,10 +250,24 @@ class Aborted:
     reason: str
 
 
-def _survivors(num_parties: int, dropouts: int, step) -> list[int]:
-    """The parties that arrive: all but ``dropouts`` of them, a different set each step."""
+def simulated_dropped_parties(num_parties: int, dropouts: int, step) -> list[int]:
+    """The parties that drop out of round ``step`` under ``dp.simulated_dropouts``:
+    ``dropouts`` consecutive parties from ``step mod num_parties``. A function of the round
+    only, never of the data, so whether a round aborts is data-independent.
+
+    Privacy needs more: the units a dropped party holds must not depend on the other
+    units either. At example level a party is a fixed shard of the dataset (one example's
+    presence never moves another example between parties); at user level the slots are
+    packed, so the user sampler keeps the dropped slots empty
+    (:class:`dpjax.federated.slots.UserSampler`): there, a simulated dropout loses a
+    noise-only party's noise, never a user's update."""
     start = int(step) % num_parties
-    dropped = {(start + i) % num_parties for i in range(dropouts)}
+    return sorted({(start + i) % num_parties for i in range(dropouts)})
+
+
+def _survivors(num_parties: int, dropouts: int, step) -> list[int]:
+    """The parties that arrive: all but :func:`simulated_dropped_parties`."""
+    dropped = set(simulated_dropped_parties(num_parties, dropouts, step))
     return [u for u in range(num_parties) if u not in dropped]
 
 
@@ -296,6 +310,15 @@ class DistributedNoiseSum:
     def num_parties(self) -> int:
         return self.settings.num_parties
 
+    @property
+    def stacks_chunks(self) -> bool:
+        """User level: a step of several chunks hands :meth:`finish` the chunks' partials
+        stacked (``[K, n, ...]``), not summed, so that every user (slot ``s`` of chunk
+        ``k``) is rounded on its own (:func:`dpjax.secagg.ddp.party_round_units`).
+        Example level sums a party's chunks first: its rounding argument is about the
+        party's whole sum (one example moves it by at most ``C``)."""
+        return self.params.unit is Unit.USER
+
     def local(self, grad_fn: ClippedGradFn) -> ClippedGradFn:
         return SecAggSum(self.settings, self.rows_per_party, self.row_bound).local(grad_fn)
 
@@ -319,7 +342,13 @@ class DistributedNoiseSum:
     def finish(self, partial: PyTree, round_input: RoundMasks, num_chunks: int, key,
                step) -> PyTree:
         """Each party encodes its (accumulated) sum with its own keys; one round decodes the
-        noisy total. ``key`` is the state's key (the run's secret) and ``step`` the step."""
+        noisy total. ``key`` is the state's key (the run's secret) and ``step`` the step.
+
+        With :attr:`stacks_chunks` (user level), ``partial`` is ``[num_chunks, n, ...]``
+        when ``num_chunks > 1`` (one ``[n, ...]`` partial otherwise), and the unit in slot
+        ``s`` of chunk ``k`` is rounded with the key of position ``k n + s``: every position
+        has its own key (independent of the data and of the packing), chunk 0's being the
+        party's key of a one-chunk round."""
         if num_chunks > self.max_chunks:
             raise ValueError(
                 f"Expected at most {self.max_chunks} chunks per step with distributed noise "
@@ -328,13 +357,19 @@ class DistributedNoiseSum:
             )
         n = self.num_parties
         noise_keys = _party_keys(key, Stream.PARTY_NOISE, step, n, derived_key)
-        rounding_keys = _party_keys(key, Stream.PARTY_ROUNDING, step, n, jax_key)
+        units = num_chunks if self.stacks_chunks else 1
+        if self.stacks_chunks and num_chunks == 1:
+            partial = jax.tree_util.tree_map(lambda a: a[None], partial)
+        rounding_keys = _party_keys(key, Stream.PARTY_ROUNDING, step, units * n, jax_key)
+        if self.stacks_chunks:  # [K n] positions -> [n, K]: party u's units in order
+            rounding_keys = jnp.swapaxes(
+                rounding_keys.reshape((units, n) + rounding_keys.shape[1:]), 0, 1)
         rotation = (jax_key(stream_key(key, Stream.ROTATION, step)) if isinstance(key, Secret)
                     else jax.random.fold_in(jax.random.fold_in(key, int(Stream.ROTATION)),
                                             step))
         total, _ = ddp.ddp_secure_sum(partial, params=self.params, round_masks=round_input,
                                       rotation_key=rotation, rounding_keys=rounding_keys,
-                                      noise_keys=noise_keys)
+                                      noise_keys=noise_keys, units_axis=self.stacks_chunks)
         return total
 
     def fingerprint(self) -> dict[str, Any]:

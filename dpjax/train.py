@@ -170,6 +170,15 @@ class DPStep:
                 jnp.zeros(()), jnp.zeros(()), zero, zero)
         if len(chunks) == 1:
             return self.step(state, *chunks[0], round_input)
+        if getattr(self.aggregation, "stacks_chunks", False):
+            # Each chunk's partial kept apart (stacked): the aggregation treats the units
+            # of different chunks separately (distributed DP at user level).
+            parts = [self.clipped_sum(state.params, batch, mask) for batch, mask in chunks]
+            partial = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[p for p, _ in parts])
+            stats = combine_stats(jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                                         *[s for _, s in parts]))
+            total = self.aggregate(state, partial, round_input, len(chunks))
+            return self.apply(state, total), stats
         (batch, mask), *rest = chunks
         partial, stats = self.clipped_sum(state.params, batch, mask)
         # Each chunk's call takes the running partial (donated) and adds to it in

@@ -72,6 +72,28 @@ def party_round(
     return rounding.randomized_round(y, rounding_key), jnp.bool_(False)
 
 
+def party_round_units(
+    xs: jax.Array, params: DDPParams, *, rotation_key: jax.Array, rounding_keys: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The sum of ``K`` units' rounded vectors, each unit (row of ``xs [K, dim]``) scaled,
+    rotated and rounded *on its own* with its own key (``rounding_keys [K]``):
+    ``(int32[D], any unit's rounding failed)``.
+
+    Why separately: conditional rounding is not linear. A party that holds several units
+    (user level, a round with more sampled users than slots) and rounded their sum would
+    make each unit's contribution depend on which other unit shares its party, and adding
+    one unit re-pairs the others (docs/secagg.md, "Known privacy issues", 1). Rounded
+    alone with keys that are independent across positions, the round's rounded units are
+    independent draws, one per unit, whatever positions the packing gives them, so adding
+    one unit adds one independent vector of norm at most the sensitivity.
+    """
+    values, failed = jax.vmap(
+        lambda x, k: party_round(x, params, rotation_key=rotation_key, rounding_key=k)
+    )(xs, rounding_keys)
+    # int32 sums wrap mod 2^32, which is all that the residue mod 2^bits keeps.
+    return jnp.sum(values, axis=0, dtype=jnp.int32), jnp.any(failed)
+
+
 def party_encode(
     x: jax.Array,
     params: DDPParams,
@@ -83,14 +105,24 @@ def party_encode(
     """One party's noisy residues ``(round(rotate(gamma x)) + noise) mod 2^bits`` as ``uint32[D]``.
 
     ``x`` is the party's flat float update (its clipped sum), of length
-    ``params.dim``, with ``||x|| <= params.party_l2_bound``. The rounding and
+    ``params.dim``, with ``||x|| <= params.party_l2_bound``; or ``[K, dim]``: ``K``
+    units held by the party, each rounded on its own (:func:`party_round_units`, with
+    ``rounding_key`` a ``[K]`` array of keys) and noised once. The rounding and
     noise keys are the party's own secrets; ``rotation_key`` is the round's
     public key, the same for every party. Jittable and vmappable.
     """
-    if x.shape != (params.dim,):
-        raise ValueError(f"Expected x.shape={x.shape} == ({params.dim},).")
-    values, rounding_failed = party_round(x, params, rotation_key=rotation_key,
-                                          rounding_key=rounding_key)  # fmt: skip
+    if x.ndim == 2 and x.shape[1] == params.dim:
+        if rounding_key.shape[:1] != x.shape[:1]:
+            raise ValueError(f"Expected one rounding key per unit: {x.shape[0]} units, "
+                             f"rounding_key.shape={rounding_key.shape}.")
+        values, rounding_failed = party_round_units(x, params, rotation_key=rotation_key,
+                                                    rounding_keys=rounding_key)  # fmt: skip
+    elif x.shape == (params.dim,):
+        values, rounding_failed = party_round(x, params, rotation_key=rotation_key,
+                                              rounding_key=rounding_key)  # fmt: skip
+    else:
+        raise ValueError(f"Expected x.shape={x.shape} == ({params.dim},) or (units, "
+                         f"{params.dim}).")
     noise, noise_failures = party_noise(noise_key, params)
     values = jnp.where(noise_failures > 0, 0, values)
     # int32 overflow wraps mod 2^32, which is all that the residue mod 2^bits keeps.
@@ -111,6 +143,13 @@ def decode_sum(total: jax.Array, params: DDPParams, *, rotation_key: jax.Array) 
     )
 
 
+def _unstack(tree: PyTree) -> list[PyTree]:
+    """The ``K`` pytrees of a pytree of ``[K, ...]`` arrays."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return [jax.tree_util.tree_unflatten(treedef, [leaf[k] for leaf in leaves])
+            for k in range(leaves[0].shape[0])]
+
+
 class RoundReport(NamedTuple):
     """Non-private diagnostics of one distributed-DP round (per party)."""
 
@@ -126,16 +165,20 @@ def ddp_secure_sum(
     rotation_key: jax.Array,
     rounding_keys: jax.Array,
     noise_keys: jax.Array,
+    units_axis: bool = False,
 ) -> tuple[PyTree, RoundReport]:
     """The decoded noisy sum of the survivors through one simulated SecAgg round mod ``2^bits``.
 
     Args:
       per_party_updates: pytree of float arrays ``[n, ...]`` (each party's
-        clipped sum); flattened per party to ``params.dim`` coordinates.
+        clipped sum); flattened per party to ``params.dim`` coordinates. With
+        ``units_axis=True``: ``[K, n, ...]``, ``K`` units per party (unit ``k`` of party
+        ``u`` is ``leaf[k, u]``), each rounded on its own (:func:`party_round_units`).
       params: from :func:`~dpjax.secagg.ddp_params.choose_parameters`.
       round_masks: from :func:`~dpjax.secagg.prepare_round` for the same ``n``.
       rotation_key: the round's public key (fresh per round).
-      rounding_keys, noise_keys: ``n`` keys each, one per party (its secrets).
+      rounding_keys, noise_keys: ``n`` keys each, one per party (its secrets); with
+        ``units_axis=True`` the rounding keys are ``[n, K]``, one per unit.
         They enter only the party side; the aggregator function receives the
         masked inputs and the unmasking seeds, nothing else.
 
@@ -145,10 +188,18 @@ def ddp_secure_sum(
       are encoded one after another (``lax.map``) to keep memory at one
       party's noise batch.
     """
-    flat, spec = flatten_parties(per_party_updates)
+    if units_axis:
+        units = [flatten_parties(u) for u in _unstack(per_party_updates)]
+        spec = units[0][1]
+        flat = jnp.stack([f for f, _ in units], axis=1)  # [n, K, dim]
+        if rounding_keys.shape[:2] != flat.shape[:2]:
+            raise ValueError(f"Expected rounding_keys of shape {flat.shape[:2]} (parties, "
+                             f"units); got {rounding_keys.shape}.")
+    else:
+        flat, spec = flatten_parties(per_party_updates)
     n = flat.shape[0]
-    if flat.shape[1] != params.dim:
-        raise ValueError(f"Expected {params.dim} coordinates per party, got {flat.shape[1]}.")
+    if flat.shape[-1] != params.dim:
+        raise ValueError(f"Expected {params.dim} coordinates per party, got {flat.shape[-1]}.")
     if round_masks.party_keys.shape[0] != n or rounding_keys.shape[0] != n:
         raise ValueError(f"Expected round_masks and keys for {n} parties.")
     if n > params.num_parties:
