@@ -166,5 +166,7 @@ def user_sampler(mechanism: Mechanism, partition: UserPartition, local: LocalTra
     if partition.num_users != mechanism.num_examples:
         raise ValueError(f"Expected the partition's {partition.num_users} users to be the "
                          f"mechanism's num_examples={mechanism.num_examples}.")
+    dropouts = getattr(mechanism.clipped.aggregation, "simulated_dropouts", 0)
     return UserSampler(partition, mechanism.sample_rate, mechanism.physical_batch_size,
-                       local.max_examples, local.rows_per_slot, seed=seed, secret=secret)
+                       local.max_examples, local.rows_per_slot, seed=seed, secret=secret,
+                       simulated_dropouts=dropouts)

@@ -33,6 +33,7 @@ import dataclasses
 import numpy as np
 
 import dpjax._validate as _validate
+from dpjax.aggregation import simulated_dropped_parties
 from dpjax.federated.users import UserPartition
 from dpjax.randomness import (
     Secret,
@@ -91,12 +92,18 @@ class UserSampler:
     rows_per_slot: int | None = None
     seed: int | None = 0
     secret: Secret | None = dataclasses.field(default=None, compare=False)
+    simulated_dropouts: int = 0  # slots kept empty each round: the parties that drop out
     sampling = "poisson"
 
     def __post_init__(self):
         _validate.sample_rate("sample_rate", self.sample_rate)
         _validate.positive_int("num_slots", self.num_slots)
         _validate.positive_int("max_examples", self.max_examples)
+        if (isinstance(self.simulated_dropouts, bool)
+                or not isinstance(self.simulated_dropouts, int)
+                or not 0 <= self.simulated_dropouts < self.num_slots):
+            raise ValueError(f"Expected simulated_dropouts={self.simulated_dropouts!r} to be "
+                             f"an integer in [0, num_slots={self.num_slots}).")
         if self.rows_per_slot is None:
             object.__setattr__(self, "rows_per_slot", self.max_examples)
         _validate.positive_int("rows_per_slot", self.rows_per_slot)
@@ -130,19 +137,38 @@ class UserSampler:
         keys = host_uniform(StreamKey(self._words, nonce), len(members))
         return members[np.argsort(keys, kind="stable")[: self.max_examples]]
 
+    def free_slots(self, round_index: int) -> list[int]:
+        """The slots users may fill in round ``round_index``: all but the
+        ``simulated_dropouts`` ones that drop out
+        (:func:`dpjax.aggregation.simulated_dropped_parties`), which stay empty. A
+        dropped slot holding a user would lose that user's update depending on where the
+        packing put it, i.e. on which other users were sampled (adding one user shifts
+        the others): the lost set would change by more than one user."""
+        dropped = set(simulated_dropped_parties(self.num_slots, self.simulated_dropouts,
+                                                round_index))
+        return [s for s in range(self.num_slots) if s not in dropped]
+
     def sample(self, round_index: int) -> list[SlotChunk]:
         """The slot chunks of round ``round_index``: one in the common case, more on
-        overflow, all of shape ``[num_slots]`` / ``[num_slots, rows_per_slot]``."""
+        overflow, all of shape ``[num_slots]`` / ``[num_slots, rows_per_slot]``. The
+        sampled users, in id order, fill the free slots (:meth:`free_slots`; all slots
+        without simulated dropouts) of chunk 0, then of chunk 1, and so on."""
+        round_index = _check_round(round_index)
+        selected = np.concatenate([c.indices[c.mask > 0]
+                                   for c in self._users.sample(round_index)])
+        free = self.free_slots(round_index)
         chunks = []
-        for c in self._users.sample(_check_round(round_index)):
+        for start in range(0, max(len(selected), 1), len(free)):
+            users = np.zeros(self.num_slots, np.int32)
+            slot_mask = np.zeros(self.num_slots, np.float32)
             examples = np.zeros((self.num_slots, self.rows_per_slot), np.int32)
             example_mask = np.zeros((self.num_slots, self.rows_per_slot), np.float32)
-            for slot in np.flatnonzero(c.mask):
-                chosen = self.local_examples(round_index, int(c.indices[slot]))
+            for slot, user in zip(free, selected[start:start + len(free)], strict=False):
+                chosen = self.local_examples(round_index, int(user))
+                users[slot], slot_mask[slot] = user, 1.0
                 examples[slot, : len(chosen)] = chosen
                 example_mask[slot, : len(chosen)] = 1.0
-            users = np.where(c.mask > 0, c.indices, 0).astype(np.int32)
-            chunks.append(SlotChunk(users, c.mask.astype(np.float32), examples, example_mask))
+            chunks.append(SlotChunk(users, slot_mask, examples, example_mask))
         return chunks
 
 

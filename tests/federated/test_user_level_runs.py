@@ -93,3 +93,37 @@ def test_user_level_distributed_noise_has_the_claimed_std(noise):
     z = np.concatenate(draws) * mech.expected_batch_size / mech.noise_std
     assert abs(z.std() - 1.0) < 4 / np.sqrt(2 * z.size)
     assert abs(z.mean()) < 4 / np.sqrt(z.size)
+
+
+def test_user_level_simulated_dropouts_abort_below_min_survivors_and_run_above(tmp_path):
+    """Two of the round's slots drop out every round (kept empty by the user sampler). With
+    every slot required (the default) no round releases anything, yet all are accounted;
+    requiring two fewer, the rounds go through."""
+    import jax
+    import numpy as np
+
+    from dpjax.federated.slots import default_num_slots
+
+    slots = default_num_slots(100, 0.1)
+    common = ("dp.aggregation=secagg", "dp.secagg_mode=simulation", "dp.noise=skellam",
+              "dp.secagg_bits=20", "dp.simulated_dropouts=2")
+    aborted = run_training(_cfg(*common), tmp_path / "aborted")
+    ok = run_training(_cfg(*common, f"dp.min_survivors={slots - 2}"), tmp_path / "ok")
+    assert aborted["distributed_dp"]["num_parties"] == ok["distributed_dp"]["num_parties"] == slots
+    assert aborted["epsilon"] > 0 and aborted["steps"] == ok["steps"] == 3
+
+    def params(run_dir):
+        import orbax.checkpoint as ocp
+
+        manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
+        state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore())).state
+        manager.close()
+        return np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(state["params"])])
+
+    from dpjax.task import build_task
+
+    init = np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(
+        build_task(_cfg()).params)])
+    np.testing.assert_array_equal(params(tmp_path / "aborted"), init)
+    assert not np.array_equal(params(tmp_path / "ok"), init)
