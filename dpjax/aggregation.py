@@ -154,10 +154,19 @@ class SecAggSum:
     rows_per_party: int
     row_bound: float  # sensitivity(l2_clip_norm): the norm bound of one row's contribution
     bits: int = 32  # the modulus 2^bits (32: the float secure_sum over Z_2^32)
+    # User level: a party (slot) of a step of several chunks holds several users, each
+    # encoded (stochastically rounded) on its own, never their sum (see finish).
+    round_units_alone: bool = False
 
     @property
     def num_parties(self) -> int:
         return self.settings.num_parties
+
+    @property
+    def stacks_chunks(self) -> bool:
+        """Whether a step of several chunks hands :meth:`finish` the chunks' partials
+        stacked (``[K, n, ...]``) rather than summed: with ``round_units_alone``."""
+        return self.round_units_alone
 
     @property
     def scale(self) -> float:
@@ -221,6 +230,8 @@ class SecAggSum:
                 "(dp.physical_batch_size) cannot be aggregated in one round without "
                 "wrapping. Raise dp.physical_batch_size."
             ) from err
+        if self.stacks_chunks and num_chunks > 1:
+            return self._finish_units(partial, round_input, num_chunks, key)
         if self.bits == 32:
             return secure_sum(partial, scale=self.scale, round_masks=round_input,
                               max_abs=max_abs, rounding_key=key)
@@ -228,6 +239,27 @@ class SecAggSum:
         encoded = encode(flat, self.scale, key=key, max_abs=max_abs,
                          num_parties=self.num_parties)
         total = modular.secure_sum_mod(modular.to_modular(encoded, self.bits), bits=self.bits,
+                                       round_masks=round_input)
+        lifted = modular.centered_lift(total, self.bits).astype(jnp.float32)
+        return unflatten_party(lifted / jnp.float32(self.scale), spec)
+
+    def _finish_units(self, partial: PyTree, round_input: RoundMasks, num_chunks: int,
+                      key) -> PyTree:
+        """The round of ``num_chunks`` stacked partials: every unit (chunk ``k``, party
+        ``s``) is stochastically rounded on its own, with its own uniforms, and each
+        party masks the sum of its units' encodings. Stochastic rounding of a sum is not
+        the sum of roundings: a party that rounded the sum of the users packed into it
+        would make a user's rounding depend on which user shares its slot, and adding one
+        user re-pairs the others (the slack ``sqrt(d) / scale`` covers one unit's)."""
+        leaves = jax.tree_util.tree_leaves(partial)
+        n = self.num_parties
+        flat = jnp.concatenate([jnp.reshape(leaf, (num_chunks, n, -1)).astype(jnp.float32)
+                                for leaf in leaves], axis=2)
+        _, spec = flatten_parties(jax.tree_util.tree_map(lambda a: a[0], partial))
+        units = encode(flat, self.scale, key=key, max_abs=self.rows_per_party * self.row_bound,
+                       num_parties=n * num_chunks)
+        summed = jnp.sum(units, axis=0, dtype=jnp.uint32)  # mod 2^32, as every encoding
+        total = modular.secure_sum_mod(modular.to_modular(summed, self.bits), bits=self.bits,
                                        round_masks=round_input)
         lifted = modular.centered_lift(total, self.bits).astype(jnp.float32)
         return unflatten_party(lifted / jnp.float32(self.scale), spec)

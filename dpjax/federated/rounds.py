@@ -60,8 +60,9 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 def user_secagg(settings: SecAggSettings, l2_clip_norm: float | PyTree) -> SecAggSum:
     """Secure aggregation with one party per slot (``settings.num_parties`` = the number of
     slots): every party's input is one user's clipped update (plus, on overflow, those of
-    the users in its slot of the further chunks)."""
-    return SecAggSum(settings, rows_per_party=1, row_bound=sensitivity(l2_clip_norm))
+    the users in its slot of the further chunks, each stochastically rounded on its own)."""
+    return SecAggSum(settings, rows_per_party=1, row_bound=sensitivity(l2_clip_norm),
+                     round_units_alone=True)
 
 
 def user_level_mechanism(
