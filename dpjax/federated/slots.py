@@ -12,8 +12,9 @@ how many users were sampled. More sampled users than slots (about 0.1% of rounds
 at the default) is never truncated: the users spill into further *slot chunks*
 of the same shape, whose per-slot sums the step adds before its one aggregation
 round and its one noise draw (:meth:`dpjax.train.DPStep.run`); with SecAgg, slot
-``s`` of every chunk is the same party, which then holds the sum of several
-users' clipped updates.
+``s`` of every chunk is the same party, which then holds several users' clipped
+updates and rounds each on its own (the chunks' partials reach the aggregation
+stacked: ``stacks_chunks``).
 
 Each slot carries its user's examples, padded to ``rows_per_slot`` rows (public:
 the config's cap per user, rounded up to whole local batches; never the largest
