@@ -6,8 +6,10 @@ partials, and only then, once per step, turns the partials into the total the
 privatizer sees (:meth:`finish`):
 
 - :class:`PlainSum`: one party, whoever runs the step; the partial is the sum.
-- :class:`SecAggSum`: ``num_parties`` parties, each a contiguous block of rows of
-  the physical batch. After the last chunk of a step, one SecAgg round
+- :class:`SecAggSum`: ``num_parties`` parties; party ``p`` is rows
+  ``[p r, (p + 1) r)`` of every chunk, which the Poisson sampler fills from the
+  fixed shard of examples ``i = p mod num_parties`` (so one example is always in
+  the same party's sum). After the last chunk of a step, one SecAgg round
   (:func:`dpjax.secagg.secure_sum`) over all parties -- of all devices -- yields
   the total; the aggregator sees the masked party inputs and the total, never a
   party's sum and never a per-chunk or per-device sum.
@@ -147,8 +149,9 @@ def rounding_key(key, step, sub_index=0) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class SecAggSum:
-    """``num_parties`` parties, blocks of ``rows_per_party`` rows of every chunk; one
-    SecAgg round per step over all of them."""
+    """``num_parties`` parties, blocks of ``rows_per_party`` rows of every chunk (party ``p``:
+    the sampler's fixed shard ``i = p mod num_parties``); one SecAgg round per step over all
+    of them."""
 
     settings: SecAggSettings
     rows_per_party: int

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpjax.config import ConfigError
-from dpjax.sampling import Chunk, default_physical_batch_size
+from dpjax.sampling import Chunk, default_party_rows, default_physical_batch_size
 from dpjax.train import DPStep, combine_stats, jit_step
 
 log = logging.getLogger("dpjax")
@@ -89,7 +89,14 @@ def physical_batch_size(
 ) -> int:
     """The Poisson sampler's chunk size: the user's ``dp.physical_batch_size``, which
     must divide evenly over the devices (and SecAgg parties), or the default rounded
-    up to a multiple of ``lcm(8, num_devices, num_parties)``."""
+    up to a multiple of ``lcm(8, num_devices, num_parties)``.
+
+    With ``num_parties > 1`` the default is ``num_parties`` blocks of
+    :func:`~dpjax.sampling.default_party_rows` rows each (every party's shard gets its own
+    3-sigma margin), the block rounded up so the whole stays a multiple of that lcm. A
+    device's slice is then ``num_parties / num_devices`` whole blocks (:func:`shard_step`
+    requires ``num_devices`` to divide ``num_parties``), so SecAgg's per-device reshape to
+    ``(-1, rows)`` sees whole parties."""
     if explicit is not None:
         if explicit % num_devices:
             raise ConfigError(
@@ -104,7 +111,11 @@ def physical_batch_size(
             )
         return explicit
     multiple = math.lcm(PHYSICAL_MULTIPLE, num_devices, num_parties)
-    return default_physical_batch_size(num_examples, sample_rate, multiple)
+    if num_parties == 1:
+        return default_physical_batch_size(num_examples, sample_rate, multiple)
+    block = multiple // num_parties  # rows per party must be a multiple of this
+    rows = default_party_rows(num_examples, sample_rate, num_parties)
+    return num_parties * block * math.ceil(rows / block)
 
 
 def pad_chunk(chunk: Chunk, multiple: int) -> Chunk:

@@ -137,13 +137,32 @@ class Mechanism:
         """The aggregated sum's L2 sensitivity under ``relation`` (default: the sampler's)."""
         return self.clipped.sensitivity(relation or self.relation, self.num_params)
 
+    @property
+    def example_parties(self) -> int:
+        """The parties whose blocks of rows the Poisson sampler fills from fixed shards: the
+        aggregation's parties at example level, else 1 (one party, or user level, whose
+        slots the user sampler fills)."""
+        aggregation = self.clipped.aggregation
+        if self.unit is not Unit.EXAMPLE:
+            return 1
+        if isinstance(aggregation, DistributedNoiseSum) and (
+                Unit(str(aggregation.params.unit)) is not Unit.EXAMPLE):
+            return 1
+        return aggregation.num_parties
+
     def sampler(self, secret: Secret) -> PoissonSampler | FixedSizeSampler:
-        """The batches of every step, drawn from ``secret``."""
+        """The batches of every step, drawn from ``secret``.
+
+        Poisson sampling with several example-level parties assigns example ``i`` to party
+        ``i mod n`` (fixed shards), so one added or removed example changes one party's sum
+        only, as the sensitivity of a rounded SecAgg or distributed-noise sum assumes.
+        Fixed-size batches keep index order: a replace-one neighbour shifts no row.
+        """
         if self.sampling is Sampling.FIXED_SIZE:
             return FixedSizeSampler(self.num_examples, self.physical_batch_size, seed=None,
                                     secret=secret)
         return PoissonSampler(self.num_examples, self.sample_rate, self.physical_batch_size,
-                              seed=None, secret=secret)
+                              seed=None, secret=secret, num_parties=self.example_parties)
 
     def privatizer(self) -> Privatizer:
         """Independent Gaussian noise of std ``noise_std`` per step, over ``q N`` (with

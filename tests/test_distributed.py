@@ -98,7 +98,7 @@ def _compare_secagg_on_two_devices(steps=4):
         return real(*args, **kw)
 
     aggregation.prepare_round = counting
-    sampler = PoissonSampler(300, 0.1, 24, seed=5)
+    sampler = PoissonSampler(300, 0.1, 24, seed=5, num_parties=4)  # the shard layout
     rng = np.random.RandomState(0)
     x = rng.randn(300, 6, 6, 1).astype(np.float32)
     y = rng.randint(0, 10, 300).astype(np.int32)

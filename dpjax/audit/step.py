@@ -103,7 +103,11 @@ class Worlds:
 
 
 def make_worlds(parts: Parts, kind: str, seed: int) -> Worlds:
-    """Real training rows (the first ``physical - 1``) plus the canary row last."""
+    """Real training rows (the first ``physical - 1``) plus the canary row last.
+
+    The rows are fixed, not sampled: the canary's presence flips only its own mask, in the
+    last party's block (SecAgg, distributed noise), and moves no other row, which is the
+    shard layout's guarantee (:class:`~dpjax.sampling.PoissonSampler` with parties)."""
     task, mechanism = parts.task, parts.mechanism
     rows = parts.physical_batch_size - 1
     if not 1 <= rows <= len(task.x_train):
