@@ -63,10 +63,11 @@ def default_party_rows(num_examples: int, sample_rate: float, num_parties: int) 
     Shard ``p`` holds the examples ``i`` with ``i mod num_parties == p``; the largest has
     ``ceil(N / n)`` of them, so each party overflows into a second chunk in 0.1-0.4% of
     steps (the binomial tail beyond 3 sigma: 0.13% for a Gaussian, more for the skewed
-    binomial of a small expected count), independently of the others. Needing a third
-    chunk (more than ``2 r`` sampled) has probability below ``2e-15`` per party and step when
-    the expected count ``m`` is at least 16, about ``1e-6`` for ``m`` near 1, and up to
-    ``1e-4`` for ``m < 0.1`` (``r = 1``).
+    binomial of a small expected count), independently of the others. ``r`` is raised
+    until needing a third chunk (more than ``2 r`` sampled: distributed noise refuses such
+    a step, ``DistributedNoiseSum.max_chunks``) has probability at most
+    ``THIRD_CHUNK_PROBABILITY = 1e-12`` per party and step by a Chernoff bound; this binds
+    only for small expected counts (``m`` below ~10: e.g. ``r = 8`` at ``m = 1``).
 
     Compute cost: with ``m = q N / n`` expected rows per party, a chunk has about
     ``n (m + 3 sqrt(m))`` rows against ``n m + 3 sqrt(n m)`` for the unsharded default
@@ -80,7 +81,20 @@ def default_party_rows(num_examples: int, sample_rate: float, num_parties: int) 
     shard = math.ceil(num_examples / num_parties)
     mean = sample_rate * shard
     rows = math.ceil(mean + 3 * math.sqrt(mean * (1 - sample_rate)))
+    while _third_chunk_bound(mean, 2 * rows + 1) > THIRD_CHUNK_PROBABILITY:
+        rows += 1
     return max(1, min(rows, shard))
+
+
+THIRD_CHUNK_PROBABILITY = 1e-12  # per party and step, at the default rows
+
+
+def _third_chunk_bound(mean: float, count: int) -> float:
+    """Chernoff: ``P(X >= count) <= e^-m (e m / count)^count`` for a binomial ``X`` of mean
+    ``m < count`` (its mgf is below the Poisson's)."""
+    if count <= mean:
+        return 1.0
+    return math.exp(-mean + count * (1 + math.log(mean / count)))
 
 
 def _source_words(seed: int | None, secret: Secret | None) -> np.ndarray:

@@ -32,7 +32,7 @@ from dpjax.secagg.ddp_params import choose_parameters
 from dpjax.secagg.encoding import decode, encode
 
 N, PARTIES, Q, DIM, CLIP = 512, 64, 0.25, 64, 1.0
-ROWS = default_party_rows(N, Q, PARTIES)  # 6: 2 expected per party plus 3 sigma
+ROWS = 6  # 2 expected per party plus 3 sigma (the default raises it to 8, the whole shard)
 PHYSICAL = PARTIES * ROWS
 OLD_PHYSICAL = default_physical_batch_size(N, Q, math.lcm(8, PARTIES))  # today's default: 192
 OLD_ROWS = OLD_PHYSICAL // PARTIES
@@ -225,7 +225,9 @@ def test_default_party_rows_overflows_each_party_in_about_a_thousandth_of_steps(
 
 
 def test_default_party_rows_stays_within_one_and_the_shard():
-    assert default_party_rows(10, 0.001, 4) == 1
+    # 0.003 expected per shard of 3: 3 sigma gives 1 row, the third-chunk bound 2
+    assert default_party_rows(10, 0.001, 4) == 2
+    assert default_party_rows(N, Q, PARTIES) == 8  # the third-chunk bound binds, capped
     assert default_party_rows(10, 1.0, 4) == 3  # ceil(10 / 4): a full shard
     assert default_party_rows(1000, 0.5, 3) == math.ceil(167 + 3 * math.sqrt(334 * 0.25))
     with pytest.raises(ValueError, match="num_parties=0"):
@@ -280,3 +282,18 @@ def test_the_mechanism_shards_example_level_parties_only():
         masks = chunk.mask.reshape(parties, -1)
         for p in range(parties):
             assert np.all(blocks[p][masks[p] > 0] % parties == p)
+
+
+def test_default_party_rows_makes_a_third_chunk_unlikely_at_any_expected_count():
+    """Where 3 standard deviations would leave a small expected count ``m`` (say ``m = 1``,
+    ``r = 4``) a party needs a third chunk (more than ``2 r``, which distributed noise refuses)
+    with probability ~1e-6 per step; the default raises ``r`` until the exact binomial tail
+    (scipy) beyond ``2 r`` is below 1e-12."""
+    from scipy.stats import binom
+
+    for n_ex, q, n in [(1000, 0.004, 4), (10000, 0.01, 100), (60000, 0.0005, 16),
+                       (512, 0.25, 64), (60000, 256 / 60000, 16)]:
+        rows = default_party_rows(n_ex, q, n)
+        shard = math.ceil(n_ex / n)
+        assert rows == shard or binom.sf(2 * rows, shard, q) <= 1e-12, (n_ex, q, n, rows)
+        assert rows >= math.ceil(q * shard + 3 * math.sqrt(q * shard * (1 - q))) or rows == shard
