@@ -147,6 +147,18 @@ def rounding_key(key, step, sub_index=0) -> jax.Array:
     )
 
 
+def _check_stacked(partial: PyTree, num_chunks: int, num_parties: int) -> None:
+    """Refuses a partial that is not ``[num_chunks, num_parties, ...]`` per leaf: an
+    aggregation that rounds units alone must get the chunks' partials stacked
+    (:meth:`dpjax.train.DPStep.run`), never summed (e.g. by ``DPStep.accumulate``)."""
+    shapes = {tuple(leaf.shape[:2]) for leaf in jax.tree_util.tree_leaves(partial)}
+    if shapes != {(num_chunks, num_parties)}:
+        raise ValueError(
+            f"Expected the {num_chunks} chunks' partials stacked as [{num_chunks}, "
+            f"{num_parties}, ...] (this aggregation rounds every unit on its own); got leading "
+            f"shapes {sorted(shapes)}. Stack the chunks' partials instead of summing them.")
+
+
 @dataclasses.dataclass(frozen=True)
 class SecAggSum:
     """``num_parties`` parties, blocks of ``rows_per_party`` rows of every chunk (party ``p``:
@@ -234,6 +246,7 @@ class SecAggSum:
                 "wrapping. Raise dp.physical_batch_size."
             ) from err
         if self.stacks_chunks and num_chunks > 1:
+            _check_stacked(partial, num_chunks, self.num_parties)
             return self._finish_units(partial, round_input, num_chunks, key)
         if self.bits == 32:
             return secure_sum(partial, scale=self.scale, round_masks=round_input,
@@ -393,6 +406,8 @@ class DistributedNoiseSum:
         n = self.num_parties
         noise_keys = _party_keys(key, Stream.PARTY_NOISE, step, n, derived_key)
         units = num_chunks if self.stacks_chunks else 1
+        if self.stacks_chunks and num_chunks > 1:
+            _check_stacked(partial, num_chunks, n)
         if self.stacks_chunks and num_chunks == 1:
             partial = jax.tree_util.tree_map(lambda a: a[None], partial)
         rounding_keys = _party_keys(key, Stream.PARTY_ROUNDING, step, units * n, jax_key)

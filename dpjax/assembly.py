@@ -131,6 +131,9 @@ def _user_level(cfg: RunConfig, task: Task, steps: int, mesh) -> Parts:
 
     slots = f.num_slots or default_num_slots(partition.num_users, q)
     if d.noise != "gaussian":  # each user's slot adds its share of discrete noise
+        # simulated dropouts are slots kept empty (UserSampler.free_slots): extra ones, so
+        # users keep the free slots they would have and overflow stays as rare
+        slots += d.simulated_dropouts
         import math  # noqa: PLC0415
 
         import jax  # noqa: PLC0415

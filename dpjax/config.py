@@ -313,6 +313,9 @@ def validate(
             or d.simulated_dropouts < 0:
         fail("dp.simulated_dropouts", d.simulated_dropouts, "to be an integer >= 0")
     check_positive("dp.min_survivors", d.min_survivors, allow_none=True, integer=True)
+    if d.simulated_dropouts and d.noise not in DISCRETE_NOISES:
+        fail("dp.simulated_dropouts", d.simulated_dropouts, "to be 0 unless dp.noise is one of "
+             f"{sorted(DISCRETE_NOISES)} (only distributed noise simulates dropped parties)")
     if d.enabled and d.noise in DISCRETE_NOISES:
         if d.aggregation != "secagg":
             fail("dp.noise", d.noise, "to be 'gaussian' unless dp.aggregation='secagg' "

@@ -96,12 +96,16 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         with preemption.stop_on_signals() as stop:
             state, progressed = _train_steps(run, state, progressed, metrics, diagnostics,
                                              progress, stop, wall_start)
+    except BaseException:
+        diagnostics.close()  # a failed step must not leave the file open
+        raise
     finally:
         metrics.close()
         progress.close()
-    summary = _finish(run, state, progressed, out_dir, writer, diagnostics)
-    diagnostics.close()
-    return summary
+    try:
+        return _finish(run, state, progressed, out_dir, writer, diagnostics)
+    finally:
+        diagnostics.close()
 
 
 def _finish(run: Run, state, progressed: resume.Progressed, out_dir, writer,

@@ -93,3 +93,10 @@ def test_a_target_epsilon_calibrates_the_central_multiplier_with_the_discrete_ac
     summary = run_training(_cfg("dp.noise=ddgauss", "dp.noise_multiplier=null",
                                 "dp.target_epsilon=3.0"), tmp_path)
     assert 0.99 * 3.0 <= summary["epsilon"] <= 3.0
+
+
+def test_simulated_dropouts_without_distributed_noise_are_refused():
+    """Central noise simulates no dropped parties: the key would be silently ignored."""
+    cfg = _cfg("dp.noise=gaussian", "dp.simulated_dropouts=1")
+    with pytest.raises(ConfigError, match="dp.simulated_dropouts=1.*dp.noise"):
+        validate(cfg)

@@ -187,3 +187,18 @@ def test_central_secagg_rounds_each_user_of_an_overflow_round_on_its_own():
     freq = [np.mean(units == v) for v in (0, 1, 2)]
     assert np.all(np.isin(units, (0, 1, 2)))
     np.testing.assert_allclose(freq, [0.25, 0.5, 0.25], atol=4 * 0.5 / np.sqrt(d))
+
+
+def test_a_units_aggregation_refuses_a_partial_that_is_not_stacked_by_chunk():
+    """``DPStep.accumulate`` (documented: 'adds one more chunk') followed by ``aggregate(...,
+    num_chunks=2)`` hands ``SecAggSum.finish`` a summed ``[n, ...]`` partial. With
+    ``round_units_alone`` it reads the leading axes as ``[chunks, parties]``: for a ``(2, 4)``
+    parameter it returns a ``(4,)`` total (which optax would broadcast into the update)
+    instead of refusing (found by review, 2026-11-30)."""
+    from dpjax.aggregation import SecAggSettings
+    from dpjax.federated.rounds import user_secagg
+
+    agg = user_secagg(SecAggSettings(4, None, None, "simulation", seed=1), 1.0)
+    summed = {"w": jnp.full((4, 2, 4), 0.01)}  # 4 parties, a (2, 4) parameter, 2 chunks
+    with pytest.raises(ValueError, match="stacked"):
+        agg.finish(summed, agg.prepare(0), 2, jax.random.key(0), jnp.int32(0))

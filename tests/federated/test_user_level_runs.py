@@ -96,7 +96,8 @@ def test_user_level_distributed_noise_has_the_claimed_std(noise):
 
 
 def test_user_level_simulated_dropouts_abort_below_min_survivors_and_run_above(tmp_path):
-    """Two of the round's slots drop out every round (kept empty by the user sampler). With
+    """Two of the round's slots drop out every round (extra slots, kept empty by the user
+    sampler, so users keep the default number of free slots). With
     every slot required (the default) no round releases anything, yet all are accounted;
     requiring two fewer, the rounds go through."""
     import jax
@@ -104,7 +105,7 @@ def test_user_level_simulated_dropouts_abort_below_min_survivors_and_run_above(t
 
     from dpjax.federated.slots import default_num_slots
 
-    slots = default_num_slots(100, 0.1)
+    slots = default_num_slots(100, 0.1) + 2  # the dropped slots come on top
     common = ("dp.aggregation=secagg", "dp.secagg_mode=simulation", "dp.noise=skellam",
               "dp.secagg_bits=20", "dp.simulated_dropouts=2")
     aborted = run_training(_cfg(*common), tmp_path / "aborted")
