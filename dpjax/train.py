@@ -134,7 +134,9 @@ class DPStep:
     vmap or fast clipping, one or several chunks, one or several devices).
 
     ``clipped_sum(params, batch, mask)`` is a chunk's partial (each party's clipped sum)
-    and stats; ``accumulate(params, partial, stats, batch, mask)`` adds one more chunk;
+    and stats; ``accumulate(params, partial, stats, batch, mask)`` adds one more chunk
+    (not for an aggregation with ``stacks_chunks``, which rounds every chunk's units on
+    their own and takes the chunks' partials stacked: :meth:`run` does that);
     ``aggregate(state, partial, round_input, num_chunks)`` turns the step's partials
     into the total (the identity for a plain sum, one SecAgg round otherwise);
     ``apply(state, total)`` privatizes it and takes the optax update. A Poisson batch
