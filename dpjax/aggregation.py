@@ -267,13 +267,9 @@ class SecAggSum:
         the sum of roundings: a party that rounded the sum of the users packed into it
         would make a user's rounding depend on which user shares its slot, and adding one
         user re-pairs the others (the slack ``sqrt(d) / scale`` covers one unit's)."""
-        leaves = jax.tree_util.tree_leaves(partial)
-        n = self.num_parties
-        flat = jnp.concatenate([jnp.reshape(leaf, (num_chunks, n, -1)).astype(jnp.float32)
-                                for leaf in leaves], axis=2)
-        _, spec = flatten_parties(jax.tree_util.tree_map(lambda a: a[0], partial))
+        flat, spec = flatten_parties(partial, leading_axes=2)  # [K, n, d]
         units = encode(flat, self.scale, key=key, max_abs=self.rows_per_party * self.row_bound,
-                       num_parties=n * num_chunks)
+                       num_parties=self.num_parties * num_chunks)
         summed = jnp.sum(units, axis=0, dtype=jnp.uint32)  # mod 2^32, as every encoding
         total = modular.secure_sum_mod(modular.to_modular(summed, self.bits), bits=self.bits,
                                        round_masks=round_input)
@@ -392,11 +388,11 @@ class DistributedNoiseSum:
         """Each party encodes its (accumulated) sum with its own keys; one round decodes the
         noisy total. ``key`` is the state's key (the run's secret) and ``step`` the step.
 
-        With :attr:`stacks_chunks` (user level), ``partial`` is ``[num_chunks, n, ...]``
-        when ``num_chunks > 1`` (one ``[n, ...]`` partial otherwise), and the unit in slot
-        ``s`` of chunk ``k`` is rounded with the key of position ``k n + s``: every position
-        has its own key (independent of the data and of the packing), chunk 0's being the
-        party's key of a one-chunk round."""
+        With :attr:`stacks_chunks` (user level) and ``num_chunks > 1``, ``partial`` is
+        ``[num_chunks, n, ...]`` and the unit in slot ``s`` of chunk ``k`` is rounded on its
+        own with the key of position ``k n + s``: every position has its own key
+        (independent of the data and of the packing), chunk 0's being the party's key of a
+        one-chunk round, which takes the ordinary path."""
         if num_chunks > self.max_chunks:
             raise ValueError(
                 f"Expected at most {self.max_chunks} chunks per step with distributed noise "
@@ -405,13 +401,12 @@ class DistributedNoiseSum:
             )
         n = self.num_parties
         noise_keys = _party_keys(key, Stream.PARTY_NOISE, step, n, derived_key)
-        units = num_chunks if self.stacks_chunks else 1
-        if self.stacks_chunks and num_chunks > 1:
+        stacked = self.stacks_chunks and num_chunks > 1
+        if stacked:
             _check_stacked(partial, num_chunks, n)
-        if self.stacks_chunks and num_chunks == 1:
-            partial = jax.tree_util.tree_map(lambda a: a[None], partial)
+        units = num_chunks if stacked else 1
         rounding_keys = _party_keys(key, Stream.PARTY_ROUNDING, step, units * n, jax_key)
-        if self.stacks_chunks:  # [K n] positions -> [n, K]: party u's units in order
+        if stacked:  # [K n] positions -> [n, K]: party u's units in order
             rounding_keys = jnp.swapaxes(
                 rounding_keys.reshape((units, n) + rounding_keys.shape[1:]), 0, 1)
         rotation = (jax_key(stream_key(key, Stream.ROTATION, step)) if isinstance(key, Secret)
@@ -419,7 +414,7 @@ class DistributedNoiseSum:
                                             step))
         total, _ = ddp.ddp_secure_sum(partial, params=self.params, round_masks=round_input,
                                       rotation_key=rotation, rounding_keys=rounding_keys,
-                                      noise_keys=noise_keys, units_axis=self.stacks_chunks)
+                                      noise_keys=noise_keys, units_axis=stacked)
         return total
 
     def fingerprint(self) -> dict[str, Any]:

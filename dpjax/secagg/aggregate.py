@@ -134,14 +134,18 @@ def prepare_round(
     )
 
 
-def flatten_parties(per_party_updates: PyTree) -> tuple[jax.Array, Any]:
-    """``(float32[n, D], spec)``: each party's leaves concatenated; ``spec`` undoes it."""
+def flatten_parties(per_party_updates: PyTree, leading_axes: int = 1) -> tuple[jax.Array, Any]:
+    """``(float32[n, D], spec)``: each party's leaves concatenated; ``spec`` undoes it for
+    one party. ``leading_axes=2``: leaves ``[K, n, ...]`` (``K`` units per party) give
+    ``float32[K, n, D]``."""
     leaves, treedef = jax.tree_util.tree_flatten(per_party_updates)
-    n = leaves[0].shape[0]
-    if any(leaf.ndim < 1 or leaf.shape[0] != n for leaf in leaves):
-        raise ValueError(f"Expected every leaf to have the same leading party axis of size {n}.")
-    flat = jnp.concatenate([jnp.reshape(leaf, (n, -1)).astype(jnp.float32) for leaf in leaves], 1)
-    return flat, (treedef, [leaf.shape[1:] for leaf in leaves], [leaf.dtype for leaf in leaves])
+    lead = leaves[0].shape[:leading_axes]
+    if any(leaf.ndim < leading_axes or leaf.shape[:leading_axes] != lead for leaf in leaves):
+        raise ValueError(f"Expected every leaf to have the same leading axes {lead}.")
+    flat = jnp.concatenate(
+        [jnp.reshape(leaf, lead + (-1,)).astype(jnp.float32) for leaf in leaves], -1)
+    return flat, (treedef, [leaf.shape[leading_axes:] for leaf in leaves],
+                  [leaf.dtype for leaf in leaves])
 
 
 def unflatten_party(flat: jax.Array, spec: Any) -> PyTree:

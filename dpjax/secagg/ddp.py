@@ -143,13 +143,6 @@ def decode_sum(total: jax.Array, params: DDPParams, *, rotation_key: jax.Array) 
     )
 
 
-def _unstack(tree: PyTree) -> list[PyTree]:
-    """The ``K`` pytrees of a pytree of ``[K, ...]`` arrays."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return [jax.tree_util.tree_unflatten(treedef, [leaf[k] for leaf in leaves])
-            for k in range(leaves[0].shape[0])]
-
-
 class RoundReport(NamedTuple):
     """Non-private diagnostics of one distributed-DP round (per party)."""
 
@@ -189,9 +182,8 @@ def ddp_secure_sum(
       party's noise batch.
     """
     if units_axis:
-        units = [flatten_parties(u) for u in _unstack(per_party_updates)]
-        spec = units[0][1]
-        flat = jnp.stack([f for f, _ in units], axis=1)  # [n, K, dim]
+        units, spec = flatten_parties(per_party_updates, leading_axes=2)
+        flat = jnp.swapaxes(units, 0, 1)  # [K, n, dim] -> [n, K, dim]: a party's units
         if rounding_keys.shape[:2] != flat.shape[:2]:
             raise ValueError(f"Expected rounding_keys of shape {flat.shape[:2]} (parties, "
                              f"units); got {rounding_keys.shape}.")
