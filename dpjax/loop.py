@@ -19,6 +19,7 @@ than one device the step is data-parallel (:mod:`dpjax.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -92,20 +93,15 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         resume.open_metrics(out_dir / outputs.DIAGNOSTICS, step0, restored is not None)
         if writer and cfg.train.nonprivate_diagnostics else None)
     progress = Progress(run.plan.to_run, cfg.train.log_every)
-    try:
-        with preemption.stop_on_signals() as stop:
-            state, progressed = _train_steps(run, state, progressed, metrics, diagnostics,
-                                             progress, stop, wall_start)
-    except BaseException:
-        diagnostics.close()  # a failed step must not leave the file open
-        raise
-    finally:
-        metrics.close()
-        progress.close()
-    try:
+    with contextlib.closing(diagnostics):  # also when a step raises
+        try:
+            with preemption.stop_on_signals() as stop:
+                state, progressed = _train_steps(run, state, progressed, metrics, diagnostics,
+                                                 progress, stop, wall_start)
+        finally:
+            metrics.close()
+            progress.close()
         return _finish(run, state, progressed, out_dir, writer, diagnostics)
-    finally:
-        diagnostics.close()
 
 
 def _finish(run: Run, state, progressed: resume.Progressed, out_dir, writer,

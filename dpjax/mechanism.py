@@ -142,13 +142,7 @@ class Mechanism:
         """The parties whose blocks of rows the Poisson sampler fills from fixed shards: the
         aggregation's parties at example level, else 1 (one party, or user level, whose
         slots the user sampler fills)."""
-        aggregation = self.clipped.aggregation
-        if self.unit is not Unit.EXAMPLE:
-            return 1
-        if isinstance(aggregation, DistributedNoiseSum) and (
-                Unit(str(aggregation.params.unit)) is not Unit.EXAMPLE):
-            return 1
-        return aggregation.num_parties
+        return self.clipped.aggregation.num_parties if self.unit is Unit.EXAMPLE else 1
 
     def sampler(self, secret: Secret) -> PoissonSampler | FixedSizeSampler:
         """The batches of every step, drawn from ``secret``.

@@ -56,6 +56,9 @@ def default_physical_batch_size(num_examples: int, sample_rate: float, multiple:
     return multiple * math.ceil(size / multiple)
 
 
+THIRD_CHUNK_PROBABILITY = 1e-12  # per party and step, at the default rows
+
+
 def default_party_rows(num_examples: int, sample_rate: float, num_parties: int) -> int:
     """Rows per party of a sharded Poisson chunk: the largest shard's expected count plus 3
     binomial standard deviations, rounded up (at least 1, at most the shard's size).
@@ -84,9 +87,6 @@ def default_party_rows(num_examples: int, sample_rate: float, num_parties: int) 
     while _third_chunk_bound(mean, 2 * rows + 1) > THIRD_CHUNK_PROBABILITY:
         rows += 1
     return max(1, min(rows, shard))
-
-
-THIRD_CHUNK_PROBABILITY = 1e-12  # per party and step, at the default rows
 
 
 def _third_chunk_bound(mean: float, count: int) -> float:
@@ -199,10 +199,12 @@ class PoissonSampler:
         with 53 bits from the stream ``(SAMPLING, step)``: independently, with
         probability ``sample_rate`` up to ``2^-53``.
         """
+        return _shard_chunks(self.selected(step), self.physical_batch_size, self.num_parties)
+
+    def selected(self, step: int) -> np.ndarray:
+        """The sorted indices of the examples step ``step`` includes (before packing)."""
         u = host_uniform(_step_key(self._words, step), self.num_examples)
-        included = u < self.sample_rate
-        return _shard_chunks(np.flatnonzero(included), self.physical_batch_size,
-                             self.num_parties)
+        return np.flatnonzero(u < self.sample_rate)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,8 +155,7 @@ class UserSampler:
         sampled users, in id order, fill the free slots (:meth:`free_slots`; all slots
         without simulated dropouts) of chunk 0, then of chunk 1, and so on."""
         round_index = _check_round(round_index)
-        selected = np.concatenate([c.indices[c.mask > 0]
-                                   for c in self._users.sample(round_index)])
+        selected = self._users.selected(round_index)
         free = self.free_slots(round_index)
         chunks = []
         for start in range(0, max(len(selected), 1), len(free)):
