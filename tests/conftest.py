@@ -40,6 +40,8 @@ EXTENDED = {
     "_variant[ddgauss]": "25 s: the distributed discrete Gaussian path (Skellam's in CI)",
     "tests/federated/test_user_level_runs.py::test_user_level_distributed_noise_has_the_claimed"
     "_std[ddgauss]": "15 s; Skellam's runs in CI",
+    "tests/federated/test_audit_fedavg.py::test_the_user_level_distributed_noise_audit_is"
+    "_consistent_and_flags_weak_party_noise[ddgauss]": "25 s; Skellam's user-level audit in CI",
     "tests/secagg/test_alias.py::test_skellam_float64_pmf_matches_mpmath_at_the_largest_checked"
     "_scale": "60 s of mpmath series at mu = 2e5; CI checks the tables' TV up to mu = 2000",
     "tests/audit/test_step_audit.py::test_the_step_audit_on_two_devices": "75 s",
