@@ -271,7 +271,8 @@ def distributed_aggregation(d, *, sigma: float, clip, rows_per_party: int, num_p
         noise_multiplier=sigma, l2_clip_norm=row_bound, party_l2_bound=party,
         dim=num_params, num_parties=n, min_honest_survivors=survivors - d.max_colluders,
         bits=d.secagg_bits, unit=str(unit), noise=d.noise,
-        wrap_probability=d.wrap_probability)
+        wrap_probability=d.wrap_probability,
+        max_units_per_party=1 if Unit(unit) is Unit.EXAMPLE else DistributedNoiseSum.max_chunks)
     return DistributedNoiseSum(settings, rows_per_party, row_bound, params, survivors,
                                d.simulated_dropouts)
 

@@ -110,6 +110,10 @@ class DDPParams:
     max_rounding_tries: int
     wrap_probability_target: float
     wrap_probability_bound: float
+    # user level: the bound for a round whose parties hold up to max_units_per_party users
+    # each (more sampled users than slots, ~0.1% of rounds; utility, not privacy)
+    max_units_per_party: int = 1
+    wrap_probability_bound_overflow: float | None = None
 
     @property
     def skellam_mu(self) -> float | None:
@@ -195,6 +199,7 @@ def choose_parameters(
     rotation: rotation_lib.Rotation | str = rotation_lib.Rotation.HADAMARD,
     rounding_beta: float = 1e-4,
     max_rounding_tries: int = 4,
+    max_units_per_party: int = 1,
 ) -> DDPParams:
     """The largest ``gamma`` meeting the claim and the wrap target at ``bits``, with its noise.
 
@@ -212,6 +217,10 @@ def choose_parameters(
       wrap_probability: target ``beta`` for ``P(any coordinate wraps)`` per round.
       rotation: ``"hadamard"`` or ``"dft"``.
       rounding_beta, max_rounding_tries: conditional rounding (user level).
+      max_units_per_party: user level: the most users a party (slot) can hold in a round
+        with more sampled users than slots (each rounded on its own). ``gamma`` meets
+        the wrap target for one user per party; the bound for this many is reported as
+        ``wrap_probability_bound_overflow``.
 
     Raises:
       ValueError: bad arguments, or no ``gamma`` meets the target at ``bits``
@@ -224,6 +233,7 @@ def choose_parameters(
     _validate.positive_int("num_parties", num_parties)
     _validate.positive_int("min_honest_survivors", min_honest_survivors)
     _validate.positive_int("max_rounding_tries", max_rounding_tries)
+    _validate.positive_int("max_units_per_party", max_units_per_party)
     check_bits(bits)
     if min_honest_survivors > num_parties:
         raise ValueError(f"Expected min_honest_survivors={min_honest_survivors} <= "
@@ -256,17 +266,20 @@ def choose_parameters(
             return "noise_sampler_range", ()
         if gamma * party_l2_bound * (1 + rel_float) + 1 >= INT32_SAFE:
             return "int32_range", ()
+        wrap = wrap_at(gamma, at_bits, variance, 1)
+        if wrap > wrap_probability:
+            return "wrap", ()
+        return None, (l2, l1, bound, variance, wrap)
+
+    def wrap_at(gamma: float, at_bits: int, variance: float, units: int) -> float:
         party_noise = variance if noise is Noise.SKELLAM else math.sqrt(variance)
-        wrap = wrap_probability_bound(
+        return wrap_probability_bound(
             bits=at_bits, padded_dim=size, num_parties=num_parties,
             party_signal_norm=gamma * party_l2_bound * (1 + rel_float),
             flatness=rotation_lib.flatness(rotation), noise=str(noise), party_noise=party_noise,
             shift_per_party=rel_float * gamma * party_l2_bound, rounding_beta=beta_r,
-            max_rounding_tries=tries,
+            max_rounding_tries=tries, units_per_party=units,
         )  # fmt: skip
-        if wrap > wrap_probability:
-            return "wrap", ()
-        return None, (l2, l1, bound, variance, wrap)
 
     tiny = 1e-9 / party_l2_bound
     if evaluate(tiny, bits)[0] is not None:
@@ -298,4 +311,7 @@ def choose_parameters(
         l2_sensitivity=l2, l1_sensitivity=l1, party_noise_variance=variance,
         rounding_l2_bound=bound, rounding_beta=beta_r, max_rounding_tries=tries,
         wrap_probability_target=float(wrap_probability), wrap_probability_bound=wrap,
+        max_units_per_party=max_units_per_party,
+        wrap_probability_bound_overflow=(wrap_at(low, bits, variance, max_units_per_party)
+                                         if max_units_per_party > 1 else None),
     )  # fmt: skip

@@ -97,6 +97,7 @@ def wrap_probability_bound(
     shift_per_party: float = 0.0,
     rounding_beta: float | None = None,
     max_rounding_tries: int = 1,
+    units_per_party: int = 1,
 ) -> float:
     """Upper bound on ``P(some coordinate of the decoded sum wraps)`` in one round.
 
@@ -112,6 +113,10 @@ def wrap_probability_bound(
       shift_per_party: bound on each party's per-coordinate float error.
       rounding_beta: conditional rounding's ``beta`` (None: plain rounding).
       max_rounding_tries: conditional rounding's retry cap.
+      units_per_party: how many units (each of norm ``<= c``, rounded on its own) a
+        party may hold: a user-level round with more users than slots. The signal,
+        rounding, shift and conditioning terms are those of ``n * units_per_party``
+        parties; the noise is still ``n`` parties'.
 
     Returns:
       The bound, capped at 1 (see the module docstring for the derivation).
@@ -122,9 +127,10 @@ def wrap_probability_bound(
     else:
         total, tau = n * party_noise**2, ddg_tau(party_noise, n)
     noise_sd = math.sqrt(total)
-    var_a = flatness * (n * party_signal_norm) ** 2 / size + n / 4
-    shift = n * (shift_per_party + 2.0**-24)
-    log_cond = -n * math.log1p(-rounding_beta) if rounding_beta else 0.0
+    units = n * units_per_party
+    var_a = flatness * (units * party_signal_norm) ** 2 / size + units / 4
+    shift = units * (shift_per_party + 2.0**-24)
+    log_cond = -units * math.log1p(-rounding_beta) if rounding_beta else 0.0
     t0 = r / (total + var_a)
     k0 = t0 * total  # where sup_k P(N >= k) e^{tk} is attained near the optimal t
     k_a = max(1, math.floor(0.6 * k0 - 10 * noise_sd))
@@ -161,5 +167,5 @@ def wrap_probability_bound(
         options={"xatol": 1e-6},
     )  # fmt: skip
     log_bound = math.log(2 * size) + min(best.fun, objective(math.log(min(t0, t_high))))
-    failures = n * rounding_beta**max_rounding_tries if rounding_beta else 0.0
+    failures = units * rounding_beta**max_rounding_tries if rounding_beta else 0.0
     return min(1.0, math.exp(min(log_bound, 0.0)) + failures)

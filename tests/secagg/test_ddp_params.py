@@ -123,3 +123,29 @@ def test_wrap_bound_against_simulation(noise):
         f"{noise}: wrap bound {bound:.4g}, measured {rate:.4g}, ratio {bound / max(rate, 1e-9):.2f}"
     )
     assert bound / 2 <= rate <= bound + 3 * stderr
+
+
+def test_the_overflow_wrap_bound_counts_every_unit_and_leaves_gamma_alone():
+    """A user-level party may hold ``max_units_per_party`` users in a round with more users
+    than slots. For Skellam, ``n`` parties of 2 units each with noise ``mu`` are, for the
+    bound, exactly ``2n`` one-unit parties with ``mu / 2`` (same total noise, same units):
+    an independent check of the units' terms. ``choose_parameters`` keeps the gamma of one
+    unit per party and reports the overflow bound (0.0146 at 16 bits here: utility only)."""
+    from dpjax.secagg.wrap import wrap_probability_bound
+
+    common = dict(bits=14, padded_dim=2048, party_signal_norm=3000.0, flatness=1.0,
+                  noise="skellam", shift_per_party=1e-3, rounding_beta=1e-4,
+                  max_rounding_tries=4)
+    two_units = wrap_probability_bound(num_parties=10, party_noise=400.0, units_per_party=2,
+                                       **common)
+    as_parties = wrap_probability_bound(num_parties=20, party_noise=200.0, **common)
+    assert two_units == pytest.approx(as_parties, rel=1e-9)
+    assert two_units > wrap_probability_bound(num_parties=10, party_noise=400.0, **common)
+    kw = dict(noise_multiplier=1.0, l2_clip_norm=0.5, party_l2_bound=0.5, dim=1210,
+              num_parties=19, min_honest_survivors=19, bits=16, unit="user", noise="skellam")
+    one = ddp_params.choose_parameters(**kw)
+    two = ddp_params.choose_parameters(**kw, max_units_per_party=2)
+    assert one.wrap_probability_bound_overflow is None and one.max_units_per_party == 1
+    assert two.gamma == one.gamma and two.wrap_probability_bound == one.wrap_probability_bound
+    assert one.wrap_probability_bound < two.wrap_probability_bound_overflow < 1
+    assert two.summary()["wrap_probability_bound_overflow"] == two.wrap_probability_bound_overflow
