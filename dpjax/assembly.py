@@ -19,7 +19,7 @@ import dpjax.distributed as distributed
 import dpjax.randomness as randomness
 from dpjax.aggregation import SecAggSettings
 from dpjax.clipping import per_layer_clip_norms
-from dpjax.config import ConfigError, RunConfig, perf, secagg_mode
+from dpjax.config import ConfigError, RunConfig, check_survivors, perf, secagg_mode
 from dpjax.mechanism import Mechanism
 from dpjax.plan import Plan, plan_run, planned_steps
 from dpjax.sampling import PoissonSampler
@@ -134,6 +134,8 @@ def _user_level(cfg: RunConfig, task: Task, steps: int, mesh) -> Parts:
         # simulated dropouts are slots kept empty (UserSampler.free_slots): extra ones, so
         # users keep the free slots they would have and overflow stays as rare
         slots += d.simulated_dropouts
+        check_survivors(d, slots, f"the round's {slots} slots (federated.num_slots, or the "
+                        "default, plus dp.simulated_dropouts)")
         import math  # noqa: PLC0415
 
         import jax  # noqa: PLC0415

@@ -329,17 +329,7 @@ def validate(
         fail("dp.secagg_bits", d.secagg_bits, "to be 32 (the default) unless "
               "dp.aggregation='secagg'")
     if d.aggregation == "secagg" and d.enabled and d.unit != "user":
-        survivors = d.num_parties if d.min_survivors is None else d.min_survivors
-        if survivors > d.num_parties:
-            fail("dp.min_survivors", d.min_survivors,
-                  f"to be at most dp.num_parties={d.num_parties}")
-        if d.max_colluders >= survivors:
-            fail("dp.max_colluders", d.max_colluders,
-                  f"to be below the surviving parties ({survivors}): their noise is all an "
-                  "honest aggregate would have")
-        if d.simulated_dropouts >= d.num_parties:
-            fail("dp.simulated_dropouts", d.simulated_dropouts,
-                  f"to be below dp.num_parties={d.num_parties}")
+        check_survivors(d, d.num_parties, f"dp.num_parties={d.num_parties}")
     check_positive("dp.l2_clip_norm", d.l2_clip_norm)
     if not (finite(d.delta) and 0 < d.delta < 1):
         fail("dp.delta", d.delta, "in (0, 1)")
@@ -388,6 +378,21 @@ def validate(
         if p.physical_batch_size is not None and p.physical_batch_size % d.num_parties:
             fail(perf_key(cfg, "physical_batch_size"), p.physical_batch_size,
                   f"to be a multiple of dp.num_parties={d.num_parties}")
+
+
+def check_survivors(d: DPConfig, num_parties: int, parties: str) -> None:
+    """``dp.min_survivors``, ``dp.max_colluders`` and ``dp.simulated_dropouts`` against the
+    round's ``num_parties`` (``parties`` names where that count comes from: the config at
+    example level, the slots at user level, which only the assembly knows)."""
+    survivors = num_parties if d.min_survivors is None else d.min_survivors
+    if survivors > num_parties:
+        fail("dp.min_survivors", d.min_survivors, f"to be at most {parties}")
+    if d.max_colluders >= survivors:
+        fail("dp.max_colluders", d.max_colluders,
+             f"to be below the surviving parties ({survivors}): their noise is all an "
+             "honest aggregate would have")
+    if d.simulated_dropouts >= num_parties:
+        fail("dp.simulated_dropouts", d.simulated_dropouts, f"to be below {parties}")
 
 
 def secagg_mode(d: DPConfig) -> str:

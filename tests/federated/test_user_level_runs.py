@@ -128,3 +128,19 @@ def test_user_level_simulated_dropouts_abort_below_min_survivors_and_run_above(t
         build_task(_cfg()).params)])
     np.testing.assert_array_equal(params(tmp_path / "aborted"), init)
     assert not np.array_equal(params(tmp_path / "ok"), init)
+
+
+def test_user_level_survivor_settings_are_checked_against_the_slots_before_training():
+    """At user level the parties are the round's slots, known once the data is: the
+    assembly refuses a min_survivors above them (or colluders at or above the survivors)
+    naming the key, before any compute."""
+    from dpjax.assembly import assemble_parts
+    from dpjax.federated.slots import default_num_slots
+
+    slots = default_num_slots(100, 0.1)
+    common = ("dp.aggregation=secagg", "dp.secagg_mode=simulation", "dp.noise=skellam",
+              "dp.secagg_bits=20")
+    with pytest.raises(ConfigError, match=rf"dp.min_survivors={slots + 1}.*{slots} slots"):
+        assemble_parts(_cfg(*common, f"dp.min_survivors={slots + 1}"))
+    with pytest.raises(ConfigError, match="dp.max_colluders=3.*surviving parties \\(3\\)"):
+        assemble_parts(_cfg(*common, "dp.min_survivors=3", "dp.max_colluders=3"))
