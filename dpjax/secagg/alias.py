@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from dpjax.secagg.chacha import chacha20_stream
+from dpjax.secagg.chacha import stream_words
 
 # Skellam's float64 pmf (scipy's ive) is checked against mpmath up to mu = 2e5 (std 447):
 # relative error <= 1e-13 out to 10 standard deviations.
@@ -149,8 +149,7 @@ def alias_table(noise: str, scale: float) -> tuple[np.ndarray, np.ndarray, int]:
 @functools.partial(jax.jit, static_argnames=("size",))
 def _draw(key256, size: int, packed, thr_low, lowest):
     depth = packed.shape[0].bit_length() - 1  # static
-    nonce = jnp.array([_NOISE_STREAM, 0, 0], jnp.uint32)
-    words = chacha20_stream(key256, nonce, 2 * size).reshape(2, size)
+    words = stream_words(key256, _NOISE_STREAM, 0, (2, size))
     w_high, w_low = words[0], words[1]
     slot = (w_high >> (32 - depth)).astype(jnp.int32)
     entry, t_low = packed[slot], thr_low[slot]

@@ -72,7 +72,7 @@ from jax import lax
 from scipy import stats
 
 import dpjax.secagg.alias as alias
-from dpjax.secagg.chacha import chacha20_stream
+from dpjax.secagg.chacha import stream_words
 
 # Proposals stay below 23 * 2^19 < 2^24, so every integer involved is exact in float32.
 MAX_NOISE_STD = 2.0**19
@@ -112,12 +112,6 @@ def chacha_key(key: jax.Array) -> jax.Array:
             and key.dtype == jnp.uint32:
         return key
     return jax.random.bits(key, (8,), jnp.uint32)
-
-
-def _words(key256: jax.Array, stream: int, index, shape: tuple[int, ...]) -> jax.Array:
-    """``uint32`` words of ``shape`` from the ChaCha20 stream ``(stream, index)`` of a key."""
-    nonce = jnp.stack([jnp.uint32(stream), jnp.asarray(index, jnp.uint32), jnp.uint32(0)])
-    return chacha20_stream(key256, nonce, int(np.prod(shape))).reshape(shape)
 
 
 def _acceptance_threshold(exponent: jax.Array) -> jax.Array:
@@ -263,7 +257,7 @@ def _rejection_sample(key, size: int, accept, consts: _Constants, fail: float):
     key256 = chacha_key(key)
     sizes = [size, *_buffers(size, fail)]
     counts = [_WORDS_PER_CANDIDATE * k * m for k, m in zip(_STAGE_CANDIDATES, sizes, strict=True)]
-    stream = _words(key256, 1, 0, (sum(counts),))
+    stream = stream_words(key256, 1, 0, (sum(counts),))
     offsets = np.cumsum([0, *counts])
     value, done = jnp.zeros(size, jnp.int32), jnp.zeros(size, bool)
     for stage, (candidates, buffer) in enumerate(zip(_STAGE_CANDIDATES, sizes, strict=True)):
@@ -280,7 +274,7 @@ def _rejection_sample(key, size: int, accept, consts: _Constants, fail: float):
     def another_round(state):
         rounds, value, done = state
         buffer = min(size, _LOOP_BUFFER)
-        words = _words(key256, 2, rounds, (_WORDS_PER_CANDIDATE, _LOOP_CANDIDATES, buffer))
+        words = stream_words(key256, 2, rounds, (_WORDS_PER_CANDIDATE, _LOOP_CANDIDATES, buffer))
         value, done = _merge(value, done, _pending(done, buffer), words, accept, consts)
         return rounds + 1, value, done
 
@@ -432,7 +426,7 @@ def poisson_inversion_table(lam: float) -> tuple[np.ndarray, np.ndarray]:
 @functools.partial(jax.jit, static_argnames=("size",))
 def _inversion_sample(key, size: int, high: jax.Array, low: jax.Array) -> jax.Array:
     """``#{k : W >= C_k}`` for ``size`` uniform 64-bit words ``W`` (two ChaCha20 words each)."""
-    words = _words(chacha_key(key), 3, 0, (2, size))
+    words = stream_words(chacha_key(key), 3, 0, (2, size))
     w_high, w_low = words[0], words[1]
 
     # One threshold at a time: a [size, 72] comparison is materialized on CPU (300 bytes a
