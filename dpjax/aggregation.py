@@ -63,6 +63,7 @@ class PlainSum:
     """The clipped sum in the clear: one party, no rounding."""
 
     num_parties: int = 1
+    stacks_chunks = False  # the chunks' partials are summed (see DistributedNoiseSum)
 
     def rounding_slack(self, num_params: int) -> float:
         del num_params

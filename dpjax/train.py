@@ -172,7 +172,7 @@ class DPStep:
                 jnp.zeros(()), jnp.zeros(()), zero, zero)
         if len(chunks) == 1:
             return self.step(state, *chunks[0], round_input)
-        if getattr(self.aggregation, "stacks_chunks", False):
+        if self.aggregation.stacks_chunks:
             # Each chunk's partial kept apart (stacked): the aggregation treats the units
             # of different chunks separately (distributed DP at user level).
             parts = [self.clipped_sum(state.params, batch, mask) for batch, mask in chunks]
