@@ -40,6 +40,9 @@ EXTENDED = {
     "_variant[ddgauss]": "25 s: the distributed discrete Gaussian path (Skellam's in CI)",
     "tests/federated/test_user_level_runs.py::test_user_level_distributed_noise_has_the_claimed"
     "_std[ddgauss]": "15 s; Skellam's runs in CI",
+    "tests/federated/test_dropout_overflow.py::test_simulated_dropouts_that_leave_too_few_free"
+    "_slots_are_refused_or_run": "40 s cold: a run with 3-chunk rounds; the extra dropped "
+    "slots are checked in CI by test_user_level_simulated_dropouts_abort_below_min_survivors",
     "tests/federated/test_audit_fedavg.py::test_the_user_level_distributed_noise_audit_is"
     "_consistent_and_flags_weak_party_noise[ddgauss]": "25 s; Skellam's user-level audit in CI",
     "tests/secagg/test_alias.py::test_skellam_float64_pmf_matches_mpmath_at_the_largest_checked"
