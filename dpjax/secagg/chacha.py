@@ -139,7 +139,7 @@ def chacha20_stream(
 
 
 def weighted_stream_sum(
-    keys: jax.Array, nonces: jax.Array, weights: jax.Array, num_words: int
+    keys: jax.Array, nonces: jax.Array, weights: jax.Array, num_words: int, lane_bits: int = 32
 ) -> jax.Array:
     """``sum_j weights[j] * chacha20_stream(keys[j], nonces[j], num_words)`` mod 2^32.
 
@@ -147,6 +147,14 @@ def weighted_stream_sum(
     ``uint32[m]`` (use ``2^32 - 1`` for -1). This is how masks are added and
     removed: each chunk of every stream is accumulated while still in cache,
     so the cost is that of generating the ``m`` streams.
+
+    ``lane_bits`` 16 or 8 (for sums kept only mod ``2^lane_bits`` or a divisor of it):
+    each keystream word is cut into ``32 / lane_bits`` lanes, low bits first, and lane
+    ``k`` of word ``i`` is value ``i * 32 / lane_bits + k`` of the ``num_words`` values
+    returned (so only ``num_words * lane_bits / 32`` words are generated). Lanes are
+    split before they are weighted and summed, so no carry crosses from one value into
+    another: entry ``t`` is correct mod ``2^lane_bits`` (its higher bits are not
+    meaningful). Every value still comes from its own bits of the keystream.
     """
     keys = jnp.asarray(keys, jnp.uint32)
     nonces = jnp.asarray(nonces, jnp.uint32)
@@ -158,16 +166,27 @@ def weighted_stream_sum(
         )
     if weights.shape != (keys.shape[0],):
         raise ValueError(f"Expected weights.shape={weights.shape} == ({keys.shape[0]},).")
+    if lane_bits not in (8, 16, 32):
+        raise ValueError(f"Expected lane_bits={lane_bits!r} to be 8, 16 or 32.")
     if num_words == 0:
         return jnp.zeros((0,), jnp.uint32)
-    counters = _chunked_counters(0, num_words)
+    lanes = 32 // lane_bits
+    counters = _chunked_counters(0, -(-num_words // lanes))
+
+    def split(words: jax.Array) -> jax.Array:  # [16, chunk] -> [16, chunk, lanes]
+        if lanes == 1:
+            return words
+        low = np.uint32((1 << lane_bits) - 1)
+        return jnp.stack([(words >> np.uint32(lane_bits * k)) & low for k in range(lanes)],
+                         axis=-1)
 
     def chunk_sum(c: jax.Array) -> jax.Array:
         def add_stream(j: int, acc: jax.Array) -> jax.Array:
-            return acc + weights[j] * jnp.stack(_block_words(keys[j], c, nonces[j]))
+            return acc + weights[j] * split(jnp.stack(_block_words(keys[j], c, nonces[j])))
 
-        zeros = jnp.zeros((WORDS_PER_BLOCK, *c.shape), jnp.uint32)
-        return lax.fori_loop(0, keys.shape[0], add_stream, zeros).T
+        zeros = jnp.zeros((WORDS_PER_BLOCK, *c.shape, *([lanes] if lanes > 1 else [])),
+                          jnp.uint32)
+        return jnp.swapaxes(lax.fori_loop(0, keys.shape[0], add_stream, zeros), 0, 1)
 
     return _map_chunks(chunk_sum, counters).reshape(-1)[:num_words]
 

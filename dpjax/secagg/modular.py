@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import dpjax.secagg.protocol as protocol
 from dpjax.secagg.aggregate import RoundMasks
+from dpjax.secagg.chacha import weighted_stream_sum
 
 MIN_BITS, MAX_BITS = 8, 32
 
@@ -51,11 +51,21 @@ def centered_lift(residues: jax.Array, bits: int) -> jax.Array:
     return jnp.where(signed >= (1 << (bits - 1)), signed + np.int32(-(1 << bits)), signed)
 
 
+def mask_lane_bits(bits: int) -> int:
+    """Bits of keystream per mask at modulus ``2^bits``: 8, 16 or 32 (the smallest of these
+    ``>= bits``, so ``2^bits`` divides ``2^lane_bits``)."""
+    check_bits(bits)
+    return 8 if bits <= 8 else 16 if bits <= 16 else 32
+
+
 def masked_input_mod(
     encoded: jax.Array, keys: jax.Array, nonces: jax.Array, weights: jax.Array, *, bits: int
 ) -> jax.Array:
-    """Party, round 2: ``encoded + sum_j weights[j] PRG(keys[j], nonces[j])`` mod ``2^bits``."""
-    return protocol.masked_input(encoded, keys, nonces, weights) & modulus_mask(bits)
+    """Party, round 2: ``encoded + sum_j weights[j] PRG(keys[j], nonces[j])`` mod ``2^bits``,
+    the PRG's output cut in lanes of :func:`mask_lane_bits` bits."""
+    masks = weighted_stream_sum(keys, nonces, weights, encoded.shape[0],
+                                lane_bits=mask_lane_bits(bits))  # fmt: skip
+    return (encoded + masks) & modulus_mask(bits)
 
 
 def aggregate_masked_mod(
@@ -72,8 +82,10 @@ def aggregate_masked_mod(
     dropped parties) and the unmasking seeds of round 3: never a party's
     noise key, rounding key or unmasked input.
     """
-    total = protocol.aggregate_masked(masked_inputs, unmask_keys, unmask_nonces, unmask_weights)
-    return total & modulus_mask(bits)
+    total = jnp.sum(masked_inputs, axis=0, dtype=jnp.uint32)
+    leftover = weighted_stream_sum(unmask_keys, unmask_nonces, unmask_weights, total.shape[0],
+                                   lane_bits=mask_lane_bits(bits))  # fmt: skip
+    return (total + leftover) & modulus_mask(bits)
 
 
 def secure_sum_mod(encoded: jax.Array, *, bits: int, round_masks: RoundMasks) -> jax.Array:

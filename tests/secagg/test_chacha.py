@@ -108,3 +108,32 @@ def test_weighted_stream_sum_is_the_signed_sum_of_streams():
     streams = [np.asarray(chacha20_stream(keys[j], nonces[j], 50)) for j in range(3)]
     expected = streams[0] - streams[1] + np.uint32(5) * streams[2]
     np.testing.assert_array_equal(got, expected)
+@pytest.mark.parametrize("lane_bits", [8, 16])
+@pytest.mark.parametrize("num_values", [51, 64])
+def test_lanes_cut_each_word_low_bits_first_and_are_weighted_without_carries(lane_bits,
+                                                                            num_values):
+    """Lane ``k`` of keystream word ``i`` is value ``i * lanes + k``, weighted and summed on
+    its own (a carry from one lane must not reach the next): checked mod 2^lane_bits
+    against numpy on the full streams; 51 values leave the last word partly unused."""
+    rng = np.random.default_rng(2)
+    keys = rng.integers(0, 2**32, (3, 8), dtype=np.uint32)
+    nonces = rng.integers(0, 2**32, (3, 3), dtype=np.uint32)
+    weights = np.array([1, 2**32 - 1, 2**32 - 7], dtype=np.uint32)
+    got = jax.jit(weighted_stream_sum, static_argnums=(3, 4))(keys, nonces, weights,
+                                                             num_values, lane_bits)
+    lanes, modulus = 32 // lane_bits, 2**lane_bits
+    want = np.zeros(num_values, np.int64)
+    for j, w in enumerate((1, -1, -7)):
+        words = np.asarray(chacha20_stream(keys[j], nonces[j], -(-num_values // lanes)))
+        values = [(int(word) >> (lane_bits * k)) % modulus for word in words
+                  for k in range(lanes)]  # fmt: skip
+        want += w * np.array(values[:num_values], np.int64)
+    np.testing.assert_array_equal(np.asarray(got) % modulus, want % modulus)
+
+
+def test_lane_bits_must_be_8_16_or_32():
+    keys, nonces = np.zeros((1, 8), np.uint32), np.zeros((1, 3), np.uint32)
+    with pytest.raises(ValueError, match="lane_bits=12"):
+        weighted_stream_sum(keys, nonces, np.ones(1, np.uint32), 4, lane_bits=12)
+
+
