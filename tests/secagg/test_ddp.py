@@ -163,13 +163,18 @@ def test_a_round_with_a_short_noise_vector_releases_zeros(monkeypatch):
     x = jnp.asarray(np.full((n, dim), 0.05), jnp.float32)
     masks = prepare_round(n, threshold=2, survivors=list(range(n)), mode="simulation", seed=3)
     rounding_keys, noise_keys = _keys(n, 5)
-    kwargs = dict(params=params, round_masks=masks, rotation_key=rotation.rotation_key(
-        seed=1, round_index=0), rounding_keys=rounding_keys, noise_keys=noise_keys)
-    healthy, report = ddp.ddp_secure_sum({"w": x}, **kwargs)
+    rotation_key = rotation.rotation_key(seed=1, round_index=0)
+
+    def secure_sum():  # a fresh jit: traced again, so it sees the patched party_noise
+        return jax.jit(lambda x, masks, rk, nk: ddp.ddp_secure_sum(
+            {"w": x}, params=params, round_masks=masks, rotation_key=rotation_key,
+            rounding_keys=rk, noise_keys=nk))(x, masks, rounding_keys, noise_keys)
+
+    healthy, report = secure_sum()
     assert not np.any(np.asarray(report.noise_failures))
     assert np.any(np.asarray(healthy["w"]) != 0)
     monkeypatch.setattr(ddp, "party_noise", flaky)
-    short, report = ddp.ddp_secure_sum({"w": x}, **kwargs)
+    short, report = secure_sum()
     assert calls and np.all(np.asarray(report.noise_failures) == 3)
     np.testing.assert_array_equal(np.asarray(short["w"]), 0.0)
 

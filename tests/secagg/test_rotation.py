@@ -13,13 +13,18 @@ def _signs(key, size):
     return np.asarray(rotation.random_signs(key, size), np.float64)
 
 
+# jitted, as the training step runs them (and one compilation instead of op-by-op dispatch)
+_rotate = jax.jit(rotation.rotate, static_argnums=2)
+_unrotate = jax.jit(rotation.unrotate, static_argnums=(2, 3))
+
+
 @pytest.mark.parametrize("dim", [1, 7, 1000, 1024])
 def test_hadamard_rotation_matches_the_dense_matrix(dim):
     size = rotation.padded_dim(dim)
     assert size == 2 ** int(np.ceil(np.log2(dim))) and size >= dim
     x = np.random.default_rng(dim).normal(size=dim)
     key = jax.random.key(3)
-    got = np.asarray(rotation.rotate(jnp.asarray(x, jnp.float32), key), np.float64)
+    got = np.asarray(_rotate(jnp.asarray(x, jnp.float32), key, "hadamard"), np.float64)
     dense = linalg.hadamard(size) / np.sqrt(size)  # scipy's Sylvester Hadamard, independent
     want = dense @ (_signs(key, size) * np.pad(x, (0, size - dim)))
     err = np.linalg.norm(got - want)
@@ -31,12 +36,12 @@ def test_hadamard_rotation_matches_the_dense_matrix(dim):
 def test_rotation_is_orthogonal_and_invertible(kind, dim):
     x = jnp.asarray(np.random.default_rng(dim).normal(size=dim), jnp.float32)
     key = jax.random.key(4)
-    y = rotation.rotate(x, key, kind)
+    y = _rotate(x, key, kind)
     assert y.shape == (rotation.padded_dim(dim, kind),)
     bound = rotation.float_error_bound(dim, kind)
     norm_x = float(np.linalg.norm(np.asarray(x, np.float64)))
     assert abs(float(np.linalg.norm(np.asarray(y, np.float64))) - norm_x) <= bound * norm_x
-    back = rotation.unrotate(y, key, dim, kind)
+    back = _unrotate(y, key, dim, kind)
     assert float(np.linalg.norm(np.asarray(back - x, np.float64))) <= 2 * bound * norm_x
 
 
@@ -53,12 +58,13 @@ def test_dft_rotation_is_flat_and_orthogonal_as_a_matrix():
 def test_same_rotation_for_every_party_of_a_round_fresh_across_rounds():
     xs = jnp.asarray(np.random.default_rng(0).normal(size=(5, 300)), jnp.float32)
     key = rotation.rotation_key(seed=7, round_index=12)
-    per_party = jax.vmap(lambda x: rotation.rotate(x, key))(xs)
+    rotate = jax.jit(lambda x, k: rotation.rotate(x, k))  # one compilation, not op by op
+    per_party = jax.jit(jax.vmap(rotation.rotate, in_axes=(0, None)))(xs, key)
     # Rotations add up: sum of rotated = rotated sum (linear, same signs for all).
-    np.testing.assert_allclose(per_party.sum(0), rotation.rotate(xs.sum(0), key), atol=1e-4)
-    again = rotation.rotate(xs[0], rotation.rotation_key(seed=7, round_index=12))
+    np.testing.assert_allclose(per_party.sum(0), rotate(xs.sum(0), key), atol=1e-4)
+    again = rotate(xs[0], rotation.rotation_key(seed=7, round_index=12))
     np.testing.assert_array_equal(per_party[0], again)
-    other_round = rotation.rotate(xs[0], rotation.rotation_key(seed=7, round_index=13))
-    high_round = rotation.rotate(xs[0], rotation.rotation_key(seed=7, round_index=12 + 2**32))
+    other_round = rotate(xs[0], rotation.rotation_key(seed=7, round_index=13))
+    high_round = rotate(xs[0], rotation.rotation_key(seed=7, round_index=12 + 2**32))
     assert float(jnp.max(jnp.abs(other_round - per_party[0]))) > 1e-2
     assert float(jnp.max(jnp.abs(high_round - per_party[0]))) > 1e-2
