@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dpjax.secagg import alias, discrete
+from dpjax.secagg.chacha import stream_words
 
 SCALES = [("skellam", 0.3), ("skellam", 30.0), ("skellam", 2000.0),
           ("dgauss", 0.4), ("dgauss", 5.0), ("dgauss", 60.0)]
@@ -102,3 +103,65 @@ def test_the_alias_table_refuses_what_it_cannot_hold():
         alias.table_pmf("skellam", float("nan"))
     assert jnp.asarray(alias.sample(discrete.chacha_key(jax.random.key(0)), (0,), "dgauss",
                                     1.0)).shape == (0,)
+
+
+_stream = jax.jit(stream_words, static_argnums=(1, 2, 3))
+
+
+def _two_word_draws(key, size, noise, scale):
+    """The reference: every draw from its own two words of the sampler's stream (words i and
+    size + i), resolved in Python integers as a 64-bit compare (independent of _draw)."""
+    packed, thr_low, lowest = alias.alias_table(noise, scale)
+    depth = packed.shape[0].bit_length() - 1
+    words = np.asarray(_stream(key, 5, 0, (2, size))).astype(np.uint64)
+    w = (words[0] << np.uint64(32)) | words[1]
+    slot = (w >> np.uint64(64 - depth)).astype(np.int64)
+    rest = w & np.uint64((1 << (64 - depth)) - 1)
+    thr = ((packed[slot].astype(np.uint64) >> np.uint64(depth)) << np.uint64(32)) \
+        | thr_low[slot].astype(np.uint64)
+    aliased = (packed[slot] & ((1 << depth) - 1)).astype(np.int64)
+    # thr 0 encodes "the whole slot keeps itself" (its alias is itself)
+    return np.where(rest < thr, slot, aliased) + lowest, words
+
+
+@pytest.mark.slow  # three compilations of the sampler (~4 s each)
+def test_second_words_drawn_only_for_tied_blocks_give_the_two_word_draws():
+    """From ``LAZY_MIN_SIZE`` draws the sampler generates the second word only for 16-draw
+    blocks with a tie of the first word (the whole second stream past its capacity): its
+    draws must equal the plain 64-bit draws, including where the second word decides
+    (asserted to occur: 4 keys x 2^18 draws at 2^-18 ties per draw), at a size that is a
+    multiple of 16 and, under vmap (the audit's trials; the fallback then runs as a
+    select), one that is not (second words then straddle ChaCha20 blocks)."""
+    noise, scale = "skellam", 2.5e5  # depth 14
+    packed, thr_low, lowest = (jnp.asarray(a) for a in alias.alias_table(noise, scale))
+    depth = packed.shape[0].bit_length() - 1
+    keys = jnp.stack([jax.random.bits(jax.random.key(s), (8,), jnp.uint32) for s in range(4)])
+    size = alias.LAZY_MIN_SIZE
+    draw = jax.jit(alias._draw, static_argnames=("size", "capacity"))
+    ties = decided = 0
+    for key in keys:
+        want, words = _two_word_draws(key, size, noise, scale)
+        np.testing.assert_array_equal(np.asarray(draw(key, size, packed, thr_low, lowest)), want)
+        r_high = words[0] & np.uint64((1 << (32 - depth)) - 1)
+        slot = (words[0] >> np.uint64(32 - depth)).astype(np.int64)
+        tie = r_high == (np.asarray(packed)[slot] >> depth)
+        ties += int(tie.sum())
+        decided += int(np.sum(tie & (words[1] >= np.asarray(thr_low)[slot])))
+    assert ties >= 2 and 0 < decided < ties  # the second word decided both ways
+    # past the capacity (1 block): the whole second stream, the same draws
+    small = draw(keys[0], size, packed, thr_low, lowest, capacity=1)
+    np.testing.assert_array_equal(np.asarray(small), _two_word_draws(keys[0], size, noise,
+                                                                      scale)[0])
+    size += 3
+    batched = jax.jit(jax.vmap(lambda k: alias._draw(k, size, packed, thr_low, lowest)))(keys)
+    for key, row in zip(keys, np.asarray(batched), strict=True):
+        np.testing.assert_array_equal(row, _two_word_draws(key, size, noise, scale)[0])
+
+
+def test_tie_capacity_holds_the_expected_tied_blocks_many_times_over():
+    """Chernoff's capacity at 2^-64: at least the mean plus 8 of its standard deviations."""
+    for size, depth in ((2**20, 14), (2**24, 15), (37, 6), (2**16, 17)):
+        blocks = -(-size // 16)
+        mean = blocks * 16 * 2.0 ** (depth - 32)
+        cap = alias.tie_capacity(size, depth)
+        assert min(blocks, mean + 8 * math.sqrt(mean) + 8) <= cap <= blocks
