@@ -71,6 +71,9 @@ class ClippingMethod(enum.StrEnum):
 
     VMAP = "vmap"
     FAST = "fast"
+    # The fast path with two backward passes and the update as its own program: about
+    # the memory of non-private training, for one more backward pass.
+    FAST_LEAN = "fast_lean"
     AUTO = "auto"
 
 

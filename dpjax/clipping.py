@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import dpjax._validate as _validate
+from dpjax.choices import ClippingMethod, values
 from dpjax.clip_math import (
     LossFn,
     PyTree,
@@ -40,7 +41,7 @@ from dpjax.clip_math import (
 
 ClippedGradFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]]
 
-METHODS = ("vmap", "fast", "auto")
+METHODS = values(ClippingMethod)
 
 
 def per_layer_clip_norms(params: PyTree, l2_clip_norm: float, depth: int = 2) -> PyTree:
@@ -117,7 +118,13 @@ def clipped_grad(
 
     ``microbatch_size`` evaluates the batch in chunks of that many rows (with
     ``lax.scan``) to bound memory; the result is the same. ``method`` chooses
-    the clipping path: ``"vmap"`` materializes per-example gradients.
+    the clipping path, never the result: ``"vmap"`` materializes per-example
+    gradients; ``"fast"`` uses ghost norms and book-keeping (one backward pass);
+    ``"fast_lean"`` the same fast path with the clipped sum from a second,
+    reweighted backward pass (about the memory of a plain gradient, for one more
+    backward pass); ``"auto"`` is ``"fast"`` that falls back to vmap when planning
+    fails. Leaves the fast path has no rule for take the vmap path in every fast
+    method, named in a logged warning (:func:`dpjax.fast_clipping.make_chunk`).
     """
     sensitivity(l2_clip_norm)  # validates every bound
     _validate.one_of("method", method, METHODS)
@@ -128,7 +135,7 @@ def clipped_grad(
         return clip_and_sum(per_example_grads(loss_fn, params, batch), mask, l2_clip_norm)
 
     chunk = vmap_chunk
-    if method in ("fast", "auto"):
+    if method != ClippingMethod.VMAP:
         from dpjax.fast_clipping import make_chunk  # noqa: PLC0415  (flax: keep `import dpjax` light)
 
         chunk = make_chunk(loss_fn, l2_clip_norm=l2_clip_norm, method=method, fallback=vmap_chunk)

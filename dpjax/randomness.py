@@ -43,6 +43,7 @@ from dpjax.secagg.chacha import WORDS_PER_BLOCK, bytes_to_words, chacha20_stream
 SECRET_BYTES = 32
 _SEEDED_INFO = b"dpjax seeded-mode run secret v1"
 _MAX_BLOCKS = 2**32  # a ChaCha20 block counter is 32 bits
+_SEGMENT_WORDS = 2**16  # noise drawn per run of leaves of about this many values (256 KiB)
 
 
 class Stream(enum.IntEnum):
@@ -141,7 +142,12 @@ def normal_like(tree, key: StreamKey):
 
     The leaves, flattened in order, read consecutive words of the one stream
     ``key`` (one word per coordinate), so every coordinate gets its own word.
-    Jittable; one stream for all leaves keeps the compiled program small.
+    Jittable. The stream is generated in segments at leaf boundaries
+    (:func:`_segments`: each large leaf alone, small neighbours together) from
+    the block that holds a segment's first word: the same words as one pass
+    over the whole stream, but the keystream and ``erf_inv``'s temporaries are
+    those of one segment, not of all parameters at once, while few segments
+    keep the compiled program small.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     if not leaves:
@@ -149,10 +155,35 @@ def normal_like(tree, key: StreamKey):
     sizes = [int(np.prod(np.shape(leaf))) for leaf in leaves]
     if sum(sizes) > _MAX_BLOCKS * WORDS_PER_BLOCK:
         raise ValueError(f"Expected at most 2^36 values from one stream; got {sum(sizes)}.")
-    z = bits_to_normal(chacha20_stream(key.key, key.nonce, sum(sizes)))
-    parts = jnp.split(z, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [z]
-    out = [part.reshape(np.shape(leaf)) for part, leaf in zip(parts, leaves, strict=True)]
+    out = []
+    for start, stop in _segments(sizes):
+        offset, n = sum(sizes[:start]), sum(sizes[start:stop])
+        skip = offset % WORDS_PER_BLOCK  # words of the first block before this segment's
+        words = chacha20_stream(key.key, key.nonce, skip + n,
+                                counter0=offset // WORDS_PER_BLOCK)[skip:]
+        z = bits_to_normal(words)
+        cuts = np.cumsum(sizes[start:stop])[:-1]
+        parts = jnp.split(z, cuts) if len(cuts) else [z]
+        out += [part.reshape(np.shape(leaf))
+                for part, leaf in zip(parts, leaves[start:stop], strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _segments(sizes: list[int], words: int = _SEGMENT_WORDS) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: consecutive leaves cut into runs of at least ``words``
+    values (the last may be shorter); a leaf of ``words`` values or more is a run alone."""
+    runs, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if size >= words and i > start:
+            runs.append((start, i))
+            start, total = i, 0
+        total += size
+        if total >= words:
+            runs.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < len(sizes):
+        runs.append((start, len(sizes)))
+    return runs
 
 
 def derived_key(key: StreamKey) -> jax.Array:

@@ -32,6 +32,7 @@ import optax
 
 import dpjax._validate as _validate
 from dpjax.aggregation import Aborted, Aggregator, PlainSum, SecAggSettings, SecAggSum
+from dpjax.choices import ClippingMethod
 from dpjax.clip_math import count_nonfinite, sensitivity
 from dpjax.clipping import clipped_grad
 from dpjax.mechanism import ClippedSum
@@ -144,7 +145,8 @@ class DPStep:
     aggregation round and the one noise draw (:meth:`run`). ``step(state, batch, mask,
     round_input=None)`` is a whole step on one chunk, in one compiled program when the
     aggregation is a plain sum (a SecAgg round is the aggregator's stage, compiled on
-    its own). ``prepare(step)`` is the host-side set-up of a step's aggregation;
+    its own; with ``parts.split``, the memory-lean mode, ``clipped_sum`` then ``apply``).
+    ``prepare(step)`` is the host-side set-up of a step's aggregation;
     ``aggregation`` and ``parts`` (the unjitted functions) let
     :func:`dpjax.distributed.shard_step` rebuild the step for several devices.
     """
@@ -193,11 +195,19 @@ class DPStep:
 
 @dataclasses.dataclass(frozen=True)
 class StepParts:
-    """The unjitted functions a :class:`DPStep` is made of."""
+    """The unjitted functions a :class:`DPStep` is made of.
+
+    ``split``: a plain-sum step runs as two compiled programs, the chunk's clipped
+    sum and then the update, instead of one. The noise and the optimizer's buffers
+    then never share memory with the backward pass's activations (XLA may
+    otherwise draw the noise in the middle of the backward pass): the
+    memory-lean clipping method's step (``clipping_method="fast_lean"``).
+    """
 
     local: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, StepStats]]
     aggregate: Callable[..., PyTree]  # (state, partial, round_input, num_chunks) -> total
     apply: Callable[[TrainState, PyTree], TrainState]
+    split: bool = False
 
 
 def build_step(
@@ -205,9 +215,12 @@ def build_step(
     aggregation: Aggregator,
     privatizer: Privatizer,
     optimizer: optax.GradientTransformation,
+    *,
+    split: bool = False,
 ) -> DPStep:
     """The step of ``local`` (a chunk's partial and stats), ``aggregation``, ``privatizer``
-    and ``optimizer``; everything after the privatizer is post-processing."""
+    and ``optimizer``; everything after the privatizer is post-processing. ``split``
+    compiles the clipped sum and the update as two programs (:class:`StepParts`)."""
 
     def aggregate(state: TrainState, partial, round_input=None, num_chunks: int = 1):
         return aggregation.finish(partial, round_input, num_chunks, state.key, state.step)
@@ -222,7 +235,7 @@ def build_step(
             noise_state=noise_state,
         )
 
-    return jit_step(StepParts(local, aggregate, apply), aggregation)
+    return jit_step(StepParts(local, aggregate, apply, split), aggregation)
 
 
 def jit_step(parts: StepParts, aggregation: Aggregator, local=None, wrap=None,
@@ -244,6 +257,7 @@ def jit_step(parts: StepParts, aggregation: Aggregator, local=None, wrap=None,
         return add_sums(partial, stats, *local(params, batch, mask))
 
     apply = jit(parts.apply, (rep, rep), rep, donate_argnums=0)
+    clipped_sum = jit(local, (rep, rows, rows), (partial_spec, rep))
     if aggregation.rounds:  # the aggregator's round, then the update: two programs
         aggregate = jit(parts.aggregate, (rep, partial_spec, rep), rep, static_argnums=3)
 
@@ -260,15 +274,20 @@ def jit_step(parts: StepParts, aggregation: Aggregator, local=None, wrap=None,
         def aggregate(state, partial, round_input=None, num_chunks=1):
             return partial  # a plain sum: the partial is the total
 
-        def fused(state, batch, mask, round_input=None):
-            partial, stats = local(state.params, batch, mask)
-            return parts.apply(state, partial), stats
+        if parts.split:
+            def step(state, batch, mask, round_input=None):
+                partial, stats = clipped_sum(state.params, batch, mask)
+                return apply(state, partial), stats
+        else:
+            def fused(state, batch, mask, round_input=None):
+                partial, stats = local(state.params, batch, mask)
+                return parts.apply(state, partial), stats
 
-        step = jit(fused, (rep, rows, rows, rep), (rep, rep), donate_argnums=0)
+            step = jit(fused, (rep, rows, rows, rep), (rep, rep), donate_argnums=0)
 
     return DPStep(
         step=step,
-        clipped_sum=jit(local, (rep, rows, rows), (partial_spec, rep)),
+        clipped_sum=clipped_sum,
         accumulate=jit(accumulate, (rep, partial_spec, rep, rows, rows), (partial_spec, rep),
                        donate_argnums=(1, 2)),
         aggregate=aggregate,
@@ -369,7 +388,8 @@ def make_step(
     grad_fn = clipped_grad(loss_fn, l2_clip_norm=clipped.l2_clip_norm,
                            microbatch_size=microbatch_size, method=clipping_method)
     local = clipped_local(grad_fn, clipped.aggregation, clipped.row_bound)
-    return build_step(local, clipped.aggregation, privatizer, optimizer)
+    return build_step(local, clipped.aggregation, privatizer, optimizer,
+                      split=clipping_method == ClippingMethod.FAST_LEAN)
 
 
 def make_nonprivate_step(

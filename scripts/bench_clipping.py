@@ -8,26 +8,26 @@ paths are timed interleaved, round by round, so drift in machine load hits all
 of them alike. Then the MLP at B=1024 memory comparison, and, when installed,
 Opacus (ghost clipping, CPU torch) and jax-privacy (vmap clipping) step times.
 
-Paths: ``fast DP`` is the default fast path (book-keeping, one backward pass);
-``fast DP 2-pass`` its memory-lean mode (norms from one backward pass, the sum
-from a second), assembled here from ``fast_clipping.make_chunk(two_pass=True)``
-and the library's noise and update, as ``make_dp_step`` does for the others.
+Paths: ``fast DP`` is the default fast path (``clipping_method="fast"``: book-keeping,
+one backward pass); ``fast_lean DP`` its memory-lean mode (``clipping_method="fast_lean"``:
+norms from one backward pass, the sum from a second; the step runs the clipped sum
+and the update as two compiled programs, so its whole-step memory is the larger of
+the two, the update's counted with the batch the caller still holds).
 
     python scripts/bench_clipping.py [--rounds 15] [--quick] [--frameworks linen nnx equinox]
                                      [--models mlp cnn transformer] [--no-memory-table]
+                                     [--memory-only]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.util
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -38,18 +38,14 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from benchlib.clipping_models import BUILDERS  # noqa: E402  (scripts/ is sys.path[0])
 
-from dpjax import privatize  # noqa: E402
-from dpjax.clip_math import per_example_grads  # noqa: E402
-from dpjax.clipping import clip_and_sum  # noqa: E402
-from dpjax.fast_clipping import make_chunk  # noqa: E402
 from dpjax.train import (  # noqa: E402
+    DPStep,
     init_state,
     make_dp_step,
     make_nonprivate_step,
-    noise_key,
 )
 
-PATHS = ("non-private", "vmap DP", "fast DP", "fast DP 2-pass")
+PATHS = ("non-private", "vmap DP", "fast DP", "fast_lean DP")
 FRAMEWORKS = ("linen", "nnx", "equinox")
 MODELS = ("mlp", "cnn", "transformer")
 LEARNING_RATE = 0.05
@@ -73,46 +69,18 @@ def workloads(quick: bool):
     ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """The two jitted functions the benchmark times: a whole step and its gradient part."""
-
-    step: Callable
-    clipped_sum: Callable
-
-
-def _apply(gradient, optimizer):
-    """``apply(state, summed) -> state``: ``gradient(state, summed)``, then the optax update
-    (the two-pass step is assembled here: ``clipped_grad`` does not expose the mode)."""
-
-    def apply(state, summed):
-        updates, opt_state = optimizer.update(gradient(state, summed), state.opt_state,
-                                              state.params)
-        return state.replace(params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state, step=state.step + 1)
-
-    return apply
-
-
-def two_pass_step(loss_fn, opt, b: int) -> Step:
-    """The DP step with the fast path's memory-lean mode, assembled like ``make_dp_step``."""
-    c = DP["l2_clip_norm"]
-
-    def vmap_chunk(params, batch, mask):
-        return clip_and_sum(per_example_grads(loss_fn, params, batch), mask, c)
-
-    chunk = make_chunk(loss_fn, l2_clip_norm=c, method="fast", fallback=vmap_chunk, two_pass=True)
-
-    def gradient(state, summed):
-        return privatize(summed, noise_key(state), expected_batch_size=float(b), **DP)
-
-    apply = _apply(gradient, opt)
-
-    def step(state, batch, mask):
-        summed, norms = chunk(state.params, batch, mask)
-        return apply(state, summed), norms
-
-    return Step(jax.jit(step, donate_argnums=0), jax.jit(chunk))
+def memory_workloads(quick: bool):
+    """(name, kind, batch) triples of the memory table: B=1024 images (the issue's size),
+    B=256 sequences; ``quick``: the timed table's shapes (compiled once for both)."""
+    b, tb = (32, 8) if quick else (1024, 256)
+    images = jax.random.normal(jax.random.PRNGKey(0), (b, 28, 28, 1))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (tb, 64), 0, 256)
+    return [
+        (f"MLP 784-512-512-10 at B={b}", "mlp", (images, jnp.zeros((b,), jnp.int32))),
+        (f"DP CNN 28x28x1 at B={b}", "cnn", (images, jnp.zeros((b,), jnp.int32))),
+        (f"Transformer 2x128, T=64, at B={tb}", "transformer",
+         (tokens, jnp.zeros((tb,), jnp.int32))),
+    ]
 
 
 def make_steps(loss_fn, params, batch):
@@ -123,7 +91,7 @@ def make_steps(loss_fn, params, batch):
         "non-private": make_nonprivate_step(loss_fn, opt),
         "vmap DP": make_dp_step(loss_fn, opt, clipping_method="vmap", **dp),
         "fast DP": make_dp_step(loss_fn, opt, clipping_method="fast", **dp),
-        "fast DP 2-pass": two_pass_step(loss_fn, opt, b),
+        "fast_lean DP": make_dp_step(loss_fn, opt, clipping_method="fast_lean", **dp),
     }
     return steps, params, opt
 
@@ -162,12 +130,25 @@ def time_paths(steps, params, opt, batch, rounds: int) -> dict[str, tuple[float,
     return {p: (statistics.median(times[p]), statistics.median(grad_times[p])) for p in steps}
 
 
+def step_peak_bytes(step: DPStep, state, batch, mask) -> int:
+    """XLA's estimate of a whole step: its one program's, or for a step run as two
+    programs (``parts.split``) the larger of the clipped sum's and the update's, the
+    update's with the batch and mask the caller holds meanwhile."""
+    if not step.parts.split:
+        return peak_bytes(step.step, state, batch, mask)
+    partial, _ = jax.eval_shape(step.clipped_sum, state.params, batch, mask)
+    held = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((batch, mask)))
+    return max(peak_bytes(step.clipped_sum, state.params, batch, mask),
+               peak_bytes(step.apply, state, partial) + held)
+
+
 def memories(steps, params, opt, batch) -> dict[str, tuple[int, int]]:
     """XLA peak estimates of (whole step, gradient part only) of each path."""
     mask = jnp.ones(batch[1].shape[0])
     state = init_state(params, opt, 0)
     return {
-        p: (peak_bytes(s.step, state, batch, mask), peak_bytes(s.clipped_sum, params, batch, mask))
+        p: (step_peak_bytes(s, state, batch, mask),
+            peak_bytes(s.clipped_sum, params, batch, mask))
         for p, s in steps.items()
     }
 
@@ -259,12 +240,15 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:8.1f}"
 
 
-def _header(rounds: int) -> str:
+def _header(rounds: int, memory_only: bool) -> str:
+    timing = ("memory only (XLA estimates, nothing timed)" if memory_only
+              else f"median of {rounds} interleaved steps")
     return (
         f"# {datetime.date.today()}  {platform.machine()} CPU x{os.cpu_count()}  "
         f"jax {jax.__version__}  flax {flax.__version__}  equinox {eqx.__version__}  "
-        f"optax {optax.__version__}  median of {rounds} interleaved steps\n"
-        "# step = whole jitted DP-SGD step (clipped sum + Gaussian noise + SGD update); "
+        f"optax {optax.__version__}  {timing}\n"
+        "# step = whole jitted DP-SGD step (clipped sum + Gaussian noise + SGD update; "
+        "fast_lean: two programs, the larger counted); "
         "grad = the clipped sum alone (non-private: the plain gradient sum)"
     )
 
@@ -276,10 +260,23 @@ def main() -> None:
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--no-memory-table", action="store_true",
-                        help="skip the MLP B=1024 memory comparison")
+                        help="skip the memory comparison at B=1024")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the memory comparison (XLA estimates: no timing)")
     args = parser.parse_args()
 
-    print(_header(args.rounds))
+    print(_header(args.rounds, args.memory_only))
+    if not args.memory_only:
+        timing_table(args)
+    if not args.no_memory_table:
+        memory_table(args)
+    for label, spec in (("opacus", "opacus"), ("jax-privacy", "jax_privacy")):
+        if importlib.util.find_spec(spec) is None:
+            print(f"{label} is not installed: its rows are n/a.")
+
+
+def timing_table(args) -> None:
+    """The timed table: every model, framework and path, and Opacus / jax-privacy."""
     head = (
         f"| {'model':32} | {'framework':9} | {'path':14} | step ms | x non-private | grad ms "
         "| x non-private | step MiB | grad MiB |"
@@ -315,24 +312,23 @@ def main() -> None:
                 print(f"| {name:32} | {'torch' if 'opacus' in label else 'jax':9} "
                       f"| {label:14} | {cells[0]:>7} | {cells[1]:>13} |{' |' * 4}")
 
-    if args.no_memory_table:
-        return
-    b = 64 if args.quick else 1024
-    images = jax.random.normal(jax.random.PRNGKey(0), (b, 28, 28, 1))
-    batch = (images, jnp.zeros((b,), jnp.int32))
-    print(f"\nMLP 784-512-512-10 at B={b}, XLA peak estimate (arguments + outputs + temporaries):")
-    for framework in args.frameworks:
-        steps, params, opt = make_steps(*BUILDERS[framework]("mlp", images), batch)
-        mem = memories(steps, params, opt, batch)
-        for p in PATHS:
-            (step, grad), (step0, grad0) = mem[p], mem["non-private"]
-            print(
-                f"  {framework:8} {p:14} whole step {_mib(step)} MiB ({step / step0:.2f}x "
-                f"non-private), gradient part {_mib(grad)} MiB ({grad / grad0:.2f}x)"
-            )
-    for label, spec in (("opacus", "opacus"), ("jax-privacy", "jax_privacy")):
-        if importlib.util.find_spec(spec) is None:
-            print(f"{label} is not installed: its rows are n/a.")
+
+def memory_table(args) -> None:
+    """Whole-step and gradient-part memory of every path at the issue's batch size."""
+    for name, kind, batch in memory_workloads(args.quick):
+        if kind not in args.models:
+            continue
+        print(f"\n{name}, XLA peak estimate (arguments + outputs + temporaries):", flush=True)
+        for framework in args.frameworks:
+            steps, params, opt = make_steps(*BUILDERS[framework](kind, batch[0]), batch)
+            mem = memories(steps, params, opt, batch)
+            for p in PATHS:
+                (step, grad), (step0, grad0) = mem[p], mem["non-private"]
+                print(
+                    f"  {framework:8} {p:14} whole step {_mib(step)} MiB ({step / step0:.2f}x "
+                    f"non-private), gradient part {_mib(grad)} MiB ({grad / grad0:.2f}x)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from test_fast_clipping import (
 )
 
 from dpjax import clipping
-from dpjax.clip_math import per_example_grads
-from dpjax.fast_clipping import discover, make_chunk
+from dpjax.fast_clipping import discover
 from dpjax.models.nets import MLP
 from dpjax.train import init_state, make_dp_step
 
@@ -64,11 +63,7 @@ def test_a_loss_not_proven_per_example_takes_the_vmap_path(caplog):
 
 
 def _two_pass(loss_fn, l2_clip_norm):
-    def vmap_chunk(params, batch, mask):
-        return clipping.clip_and_sum(per_example_grads(loss_fn, params, batch), mask, l2_clip_norm)
-
-    return jax.jit(make_chunk(loss_fn, l2_clip_norm=l2_clip_norm, method="fast",
-                              fallback=vmap_chunk, two_pass=True))
+    return clipping.clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, method="fast_lean")
 
 
 @pytest.mark.parametrize("name", ["tied", "nnx_cnn"])

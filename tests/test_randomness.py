@@ -115,3 +115,17 @@ def test_a_secret_is_a_pytree_that_survives_jit_and_tree_maps():
     assert isinstance(same, Secret)
     np.testing.assert_array_equal(same.words, secret.words)
     assert isinstance(stream_key(secret, Stream.NOISE, 0), StreamKey)
+
+
+def test_noise_drawn_in_segments_reads_the_words_of_one_pass_over_the_stream():
+    # Leaves that start mid-block (sizes not multiples of 16), a leaf larger than a
+    # segment (2^16 values) and runs of small leaves: the words must be those of the
+    # whole stream from the C implementation (``cryptography``), in leaf order.
+    key = stream_key(randomness.seeded_secret(5), Stream.NOISE, 7)
+    tree = [jnp.zeros((3,)), jnp.zeros((300, 250)), jnp.zeros((17,)), jnp.zeros((40_000,)),
+            jnp.zeros((30_001,)), jnp.zeros((5, 5))]
+    assert len(randomness._segments([leaf.size for leaf in tree])) == 4
+    got = _flat(jax.jit(randomness.normal_like)(tree, key))
+    words = randomness.host_words(key, got.size)
+    expected = np.asarray(randomness.bits_to_normal(jnp.asarray(words)), np.float64)
+    np.testing.assert_array_equal(got, expected)

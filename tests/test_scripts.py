@@ -133,7 +133,7 @@ def check_bench_clipping(out: str) -> None:
     rows = table(out, "| model | framework | path | step ms | x non-private | grad ms "
                       "| x non-private | step MiB | grad MiB |")
     timed = [row for row in rows if row[2] in ("non-private", "vmap DP", "fast DP",
-                                               "fast DP 2-pass")]
+                                               "fast_lean DP")]
     assert len(timed) == 3 * 3 * 4  # models x frameworks x paths
     for row in timed:
         step_ms, step_x, grad_ms, grad_x, step_mib, grad_mib = (num(c) for c in row[3:9])
@@ -151,7 +151,7 @@ def check_bench_clipping(out: str) -> None:
             assert num(cell) > 0
     memory = re.findall(r"^  (\w+) +(.+?) +whole step +(\S+) MiB \((\S+)x non-private\), "
                         r"gradient part +(\S+) MiB \((\S+)x\)$", out, flags=re.M)
-    assert len(memory) == 3 * 4
+    assert len(memory) == 3 * 3 * 4  # models x frameworks x paths
     for _, path, step, step_x, grad, grad_x in memory:
         assert min(float(step), float(grad)) > 0
         if path == "non-private":

@@ -10,7 +10,8 @@ those leaves. Works the same on Flax Linen, Flax NNX, Equinox and plain
 functions of a dict, since only the jaxpr is read.
 
 Entry point: :func:`make_chunk`, reached through
-``dpjax.clipped_grad(..., method="fast" | "auto")``. See docs/fast_clipping.md.
+``dpjax.clipped_grad(..., method="fast" | "fast_lean" | "auto")``; ``"fast_lean"``
+is the memory-lean mode (:mod:`~dpjax.fast_clipping.lean`). See docs/fast_clipping.md.
 """
 
 from dpjax.fast_clipping.batch_axes import Const, Mixed, Rows, analyze

@@ -55,7 +55,7 @@ from dpjax.models.check import BatchMixingError
 
 PyTree = Any
 ChunkFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array]]
-METHODS = ("fast", "auto")
+METHODS = ("fast", "fast_lean", "auto")
 logger = logging.getLogger("dpjax.fast_clipping")
 
 
@@ -356,27 +356,29 @@ def make_chunk(
 ) -> ChunkFn:
     """``chunk(params, batch, mask) -> (clipped_sum, per_example_norms)`` by the fast path.
 
-    Reached through ``dpjax.clipped_grad(..., method="fast" | "auto")``, which
-    validates the arguments and jits (and microbatches) the chunk. The same
+    Reached through ``dpjax.clipped_grad(..., method="fast" | "fast_lean" | "auto")``,
+    which validates the arguments and jits (and microbatches) the chunk. The same
     contract, and the same numbers up to float rounding, as the vmap path
     (``fallback``): each row's contribution has L2 norm at most
     ``sensitivity(l2_clip_norm)``; masked and non-finite rows contribute 0.
 
-    Both methods plan the loss from its jaxpr (:func:`~dpjax.fast_clipping.plan.discover`):
+    Every method plans the loss from its jaxpr (:func:`~dpjax.fast_clipping.plan.discover`):
     leaves with a rule take the fast path, the others per-example vmap (logged
     once, with the reason, at WARNING). A loss not proven to give one row per
     example goes entirely to ``fallback``; a loss proven to *mix* examples is
-    refused with :class:`~dpjax.models.check.BatchMixingError` by both methods.
-    They differ only on an unexpected failure while planning: ``"fast"``
-    raises it, ``"auto"`` logs it and uses ``fallback``.
+    refused with :class:`~dpjax.models.check.BatchMixingError` by every method.
+    They differ on an unexpected failure while planning: ``"fast"`` and
+    ``"fast_lean"`` raise it, ``"auto"`` logs it and uses ``fallback``.
 
-    ``two_pass=True`` is the memory-lean mode: per-example norms from one
-    backward pass, the clipped sum from a second, reweighted one (about the
-    memory of an ordinary gradient, one extra backward pass per clipping group;
-    :mod:`~dpjax.fast_clipping.lean`). The default keeps each layer's inputs
-    and output gradients for book-keeping (no second pass).
+    ``"fast_lean"`` (or ``two_pass=True`` with another method) is the memory-lean
+    mode: per-example norms from one backward pass, the clipped sum from a
+    second, reweighted one (about the memory of an ordinary gradient, one extra
+    backward pass per clipping group; :mod:`~dpjax.fast_clipping.lean`). The
+    default keeps each layer's inputs and output gradients for book-keeping (no
+    second pass).
     """
     _validate.one_of("method", method, METHODS)
+    two_pass = two_pass or method == "fast_lean"
     log_once = _make_logger()
 
     def chunk(params, batch, mask):
@@ -388,7 +390,7 @@ def make_chunk(
         except BatchMixingError:
             raise
         except Exception as err:  # noqa: BLE001 (auto falls back on any planning failure)
-            if method == "fast":
+            if method != "auto":
                 raise
             log_once(logging.WARNING, "clipping method 'auto': vmap path (%s: %s)",
                      type(err).__name__, err)
