@@ -21,7 +21,7 @@ OVERRIDES = ["dataset=digits", "model=mlp", "model.options.hidden=[16]", "dp.uni
              "federated.num_users=100", "federated.users_per_round=10",
              "federated.num_slots=12", "train.steps=2", "train.eval_every=2",
              "dp.randomness=seeded", "dp.aggregation=secagg", "dp.secagg_mode=simulation",
-             "dp.noise=skellam", "dp.secagg_bits=20", "dp.noise_multiplier=1.0",
+             "dp.noise=skellam", "dp.secagg_bits=14", "dp.noise_multiplier=1.0",
              "dp.simulated_dropouts=5", "dp.min_survivors=7"]
 
 

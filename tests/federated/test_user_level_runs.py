@@ -12,6 +12,8 @@ from dpjax.config import ConfigError, validate
 from dpjax.loop import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
+# distributed noise at 14 bits: party noise from the alias table (20 bits: the rejection
+# sampler, several times the compile time for the same properties)
 BASE = ["dataset=digits", "model=mlp", "model.options.hidden=[16]", "dp.unit=user",
         "federated.num_users=100", "federated.users_per_round=10", "train.steps=3",
         "train.eval_every=3", "dp.randomness=seeded"]
@@ -42,7 +44,7 @@ def test_user_level_settings_that_do_not_apply_are_refused():
 
 def test_user_level_distributed_noise_runs_with_one_party_per_slot(tmp_path):
     s = run_training(_cfg("dp.aggregation=secagg", "dp.secagg_mode=simulation",
-                          "dp.noise=skellam", "dp.secagg_bits=20"), tmp_path)
+                          "dp.noise=skellam", "dp.secagg_bits=14"), tmp_path)
     p = s["distributed_dp"]
     assert s["unit"] == "user" and p["unit"] == "user" and p["num_parties"] > 10
     # user level: the sensitivity is conditional rounding's bound on a party's vector
@@ -107,7 +109,7 @@ def test_user_level_simulated_dropouts_abort_below_min_survivors_and_run_above(t
 
     slots = default_num_slots(100, 0.1) + 2  # the dropped slots come on top
     common = ("dp.aggregation=secagg", "dp.secagg_mode=simulation", "dp.noise=skellam",
-              "dp.secagg_bits=20", "dp.simulated_dropouts=2")
+              "dp.secagg_bits=14", "dp.simulated_dropouts=2")
     aborted = run_training(_cfg(*common), tmp_path / "aborted")
     ok = run_training(_cfg(*common, f"dp.min_survivors={slots - 2}"), tmp_path / "ok")
     assert aborted["distributed_dp"]["num_parties"] == ok["distributed_dp"]["num_parties"] == slots
@@ -139,7 +141,7 @@ def test_user_level_survivor_settings_are_checked_against_the_slots_before_train
 
     slots = default_num_slots(100, 0.1)
     common = ("dp.aggregation=secagg", "dp.secagg_mode=simulation", "dp.noise=skellam",
-              "dp.secagg_bits=20")
+              "dp.secagg_bits=14")
     with pytest.raises(ConfigError, match=rf"dp.min_survivors={slots + 1}.*{slots} slots"):
         assemble_parts(_cfg(*common, f"dp.min_survivors={slots + 1}"))
     with pytest.raises(ConfigError, match="dp.max_colluders=3.*surviving parties \\(3\\)"):
