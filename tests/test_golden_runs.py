@@ -103,18 +103,29 @@ def _two_devices(tmp_path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# The hashes are XLA's float32 results on the jax the suite pins them with (CI's): another
+# XLA may round differently (jax 0.12.0.1: vmap, secagg, per_layer, fixed_size and skellam16
+# hash differently, the same before and after the mask lanes), so there only the epsilon
+# and the test accuracy are compared, which must not change at all.
+GOLDEN_JAX = "0.10.2"
+
+
+def _check(got: dict, name: str) -> None:
+    hash_, eps, acc = GOLDEN[name]
+    assert got["epsilon"] == eps and got["test_accuracy"] == acc, got
+    if jax.__version__ == GOLDEN_JAX:
+        assert got["hash"] == hash_, got
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_seeded_run_is_bit_identical_to_its_golden(name, tmp_path):
-    got = golden_run(CASES[name], tmp_path)
-    hash_, eps, acc = GOLDEN[name]
-    assert got["hash"] == hash_ and got["epsilon"] == eps and got["test_accuracy"] == acc, got
+    _check(golden_run(CASES[name], tmp_path), name)
 
 
 def test_a_two_device_seeded_run_is_bit_identical_to_its_golden(tmp_path):
     got = _two_devices(tmp_path)
-    hash_, eps, acc = GOLDEN["two_devices"]
     assert got["num_devices"] == 2
-    assert got["hash"] == hash_ and got["epsilon"] == eps and got["test_accuracy"] == acc, got
+    _check(got, "two_devices")
 
 
 if __name__ == "__main__":
