@@ -32,6 +32,7 @@ BASE = ["experiment=digits_quick", "dp.randomness=seeded", "model.options.hidden
 PATHS = {  # name: (overrides, chunks, broken variant)
     "vmap": ([], 1, "noise"),
     "fast": (["perf.clipping=fast"], 1, "clip"),
+    "fast_lean": (["perf.clipping=fast_lean"], 1, "clip"),  # two passes, two programs
     "per_layer": (["dp.per_layer_clipping=true"], 1, "noise"),
     "microbatch": (["perf.microbatch_size=8"], 1, "clip"),
     "multi_chunk": ([], 2, "noise"),
