@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 from scipy import special
 
-from dpjax.secagg.chacha import chacha20_block, stream_words
+from dpjax.secagg.chacha import chacha20_block, stream_nonce, stream_words
 
 # Skellam's float64 pmf (scipy's ive) is checked against mpmath up to mu = 2e5 (std 447):
 # relative error <= 1e-13 out to 10 standard deviations.
@@ -209,8 +209,8 @@ def _draw(key256, size: int, packed, thr_low, lowest, capacity: int | None = Non
     # second words of draws 16 b .. 16 b + 15: stream words size + 16 b + j, which lie in
     # ChaCha20 blocks (size + 16 b) // 16 and the next (size % 16 is their offset)
     first = (jnp.uint32(size // 16) + chosen.astype(jnp.uint32))[:, None]
-    nonce = jnp.array([_NOISE_STREAM, 0, 0], jnp.uint32)
-    words = chacha20_block(key256, first + jnp.arange(2, dtype=jnp.uint32), nonce)
+    words = chacha20_block(key256, first + jnp.arange(2, dtype=jnp.uint32),
+                           stream_nonce(_NOISE_STREAM, 0))
     offset = size % 16
     low = words.reshape(capacity, 32)[:, offset:offset + 16]
     draws = (chosen[:, None] * 16 + jnp.arange(16)).reshape(-1)

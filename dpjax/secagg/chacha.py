@@ -191,11 +191,16 @@ def weighted_stream_sum(
     return _map_chunks(chunk_sum, counters).reshape(-1)[:num_words]
 
 
+def stream_nonce(stream: int, index) -> jax.Array:
+    """The nonce ``(stream, index, 0)`` of the discrete samplers' stream ``stream``."""
+    return jnp.stack([jnp.uint32(stream), jnp.asarray(index, jnp.uint32), jnp.uint32(0)])
+
+
 def stream_words(key256: jax.Array, stream: int, index, shape: tuple[int, ...]) -> jax.Array:
     """``uint32`` words of ``shape`` from the ChaCha20 stream of nonce ``(stream, index, 0)``
     of a 256-bit key: the discrete samplers' randomness, one stream per use."""
-    nonce = jnp.stack([jnp.uint32(stream), jnp.asarray(index, jnp.uint32), jnp.uint32(0)])
-    return chacha20_stream(key256, nonce, int(np.prod(shape))).reshape(shape)
+    return chacha20_stream(key256, stream_nonce(stream, index),
+                           int(np.prod(shape))).reshape(shape)
 
 
 def bytes_to_words(data: bytes) -> np.ndarray:

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import dpjax.secagg.protocol as protocol
 from dpjax.secagg.aggregate import RoundMasks
-from dpjax.secagg.chacha import weighted_stream_sum
 
 MIN_BITS, MAX_BITS = 8, 32
 
@@ -63,9 +63,8 @@ def masked_input_mod(
 ) -> jax.Array:
     """Party, round 2: ``encoded + sum_j weights[j] PRG(keys[j], nonces[j])`` mod ``2^bits``,
     the PRG's output cut in lanes of :func:`mask_lane_bits` bits."""
-    masks = weighted_stream_sum(keys, nonces, weights, encoded.shape[0],
-                                lane_bits=mask_lane_bits(bits))  # fmt: skip
-    return (encoded + masks) & modulus_mask(bits)
+    masked = protocol.masked_input(encoded, keys, nonces, weights, mask_lane_bits(bits))
+    return masked & modulus_mask(bits)
 
 
 def aggregate_masked_mod(
@@ -82,10 +81,9 @@ def aggregate_masked_mod(
     dropped parties) and the unmasking seeds of round 3: never a party's
     noise key, rounding key or unmasked input.
     """
-    total = jnp.sum(masked_inputs, axis=0, dtype=jnp.uint32)
-    leftover = weighted_stream_sum(unmask_keys, unmask_nonces, unmask_weights, total.shape[0],
-                                   lane_bits=mask_lane_bits(bits))  # fmt: skip
-    return (total + leftover) & modulus_mask(bits)
+    total = protocol.aggregate_masked(masked_inputs, unmask_keys, unmask_nonces,
+                                      unmask_weights, mask_lane_bits(bits))  # fmt: skip
+    return total & modulus_mask(bits)
 
 
 def secure_sum_mod(encoded: jax.Array, *, bits: int, round_masks: RoundMasks) -> jax.Array:

@@ -170,13 +170,16 @@ def party_mask_plan(state: PartyState, config: RoundConfig) -> tuple[np.ndarray,
 
 
 def masked_input(
-    encoded: jax.Array, keys: jax.Array, nonces: jax.Array, weights: jax.Array
+    encoded: jax.Array, keys: jax.Array, nonces: jax.Array, weights: jax.Array,
+    lane_bits: int = 32,
 ) -> jax.Array:
     """Round 2 (jnp, jittable): ``encoded + sum_j weights[j] * PRG(keys[j], nonces[j])``.
 
-    ``encoded`` is a flat ``uint32[D]`` vector.
+    ``encoded`` is a flat ``uint32[D]`` vector. ``lane_bits < 32``: the PRG's words are cut
+    in lanes (:func:`~dpjax.secagg.chacha.weighted_stream_sum`), for sums kept mod
+    ``2^lane_bits`` or a divisor of it.
     """
-    return encoded + weighted_stream_sum(keys, nonces, weights, encoded.shape[0])
+    return encoded + weighted_stream_sum(keys, nonces, weights, encoded.shape[0], lane_bits)
 
 
 def party_unmask_response(
@@ -268,8 +271,10 @@ def aggregator_unmask_plan(
 
 
 def aggregate_masked(
-    masked_inputs: jax.Array, keys: jax.Array, nonces: jax.Array, weights: jax.Array
+    masked_inputs: jax.Array, keys: jax.Array, nonces: jax.Array, weights: jax.Array,
+    lane_bits: int = 32,
 ) -> jax.Array:
-    """Aggregator (jnp, jittable): ``sum_u masked_inputs[u] + sum_j weights[j] * PRG(...)``."""
+    """Aggregator (jnp, jittable): ``sum_u masked_inputs[u] + sum_j weights[j] * PRG(...)``,
+    the PRG cut in lanes of ``lane_bits`` as the parties cut it (:func:`masked_input`)."""
     total = jnp.sum(masked_inputs, axis=0, dtype=jnp.uint32)
-    return total + weighted_stream_sum(keys, nonces, weights, total.shape[0])
+    return total + weighted_stream_sum(keys, nonces, weights, total.shape[0], lane_bits)
