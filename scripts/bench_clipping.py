@@ -40,8 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from benchlib.clipping_models import BUILDERS  # noqa: E402  (scripts/ is sys.path[0])
 
+from dpjax.memory import compiled_peak_bytes, step_peak_bytes  # noqa: E402
 from dpjax.train import (  # noqa: E402
-    DPStep,
     init_state,
     make_dp_step,
     make_nonprivate_step,
@@ -99,17 +99,6 @@ def make_steps(loss_fn, params, batch):
     return steps, params, opt
 
 
-def peak_bytes(step_fn, *args) -> int:
-    """XLA's estimate of the step's live memory: arguments + outputs + temporaries - aliased."""
-    m = step_fn.lower(*args).compile().memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        + m.temp_size_in_bytes
-        - m.alias_size_in_bytes
-    )
-
-
 def time_paths(steps, params, opt, batch, rounds: int) -> dict[str, tuple[float, float]]:
     """Median seconds of (whole step, gradient part only) of each path.
 
@@ -148,25 +137,13 @@ def _time_rounds(steps, states, batch, mask, rounds: int, times, grad_times) -> 
             grad_times[p].append(time.perf_counter() - t1)
 
 
-def step_peak_bytes(step: DPStep, state, batch, mask) -> int:
-    """XLA's estimate of a whole step: its one program's, or for a step run as two
-    programs (``parts.split``) the larger of the clipped sum's and the update's, the
-    update's with the batch and mask the caller holds meanwhile."""
-    if not step.parts.split:
-        return peak_bytes(step.step, state, batch, mask)
-    partial, _ = jax.eval_shape(step.clipped_sum, state.params, batch, mask)
-    held = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((batch, mask)))
-    return max(peak_bytes(step.clipped_sum, state.params, batch, mask),
-               peak_bytes(step.apply, state, partial) + held)
-
-
 def memories(steps, params, opt, batch) -> dict[str, tuple[int, int]]:
     """XLA peak estimates of (whole step, gradient part only) of each path."""
     mask = jnp.ones(batch[1].shape[0])
     state = init_state(params, opt, 0)
     return {
         p: (step_peak_bytes(s, state, batch, mask),
-            peak_bytes(s.clipped_sum, params, batch, mask))
+            compiled_peak_bytes(s.clipped_sum, params, batch, mask))
         for p, s in steps.items()
     }
 

@@ -29,6 +29,7 @@ import optax
 from dpjax import randomness
 from dpjax.config import DatasetConfig, ModelConfig, RunConfig
 from dpjax.lm_task import build_lm_fields
+from dpjax.memory import compiled_peak_bytes
 from dpjax.train import init_state, make_dp_step, make_nonprivate_step
 
 
@@ -49,12 +50,6 @@ def steps_of(task: dict, batch_size: int) -> dict:
     return steps, opt
 
 
-def peak_bytes(step_fn, state, batch, mask) -> int:
-    m = step_fn.lower(state, batch, mask).compile().memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-
-
 def bench(trainable: str, rank: int, batch_size: int, repeats: int) -> list[dict]:
     task = task_of(trainable, rank, max(4 * batch_size, 200))
     batch = (jnp.asarray(task["x_train"][:batch_size]), jnp.asarray(task["y_train"][:batch_size]))
@@ -65,7 +60,7 @@ def bench(trainable: str, rank: int, batch_size: int, repeats: int) -> list[dict
         return init_state(jax.tree_util.tree_map(jnp.copy, task["params"]), opt,
                           secret=randomness.fresh_secret())
 
-    memory = {name: peak_bytes(s.step, fresh(), batch, mask) for name, s in steps.items()}
+    memory = {name: compiled_peak_bytes(s.step, fresh(), batch, mask) for name, s in steps.items()}
     states = {name: fresh() for name in steps}
     for name, s in steps.items():  # compile and warm up
         for _ in range(2):

@@ -305,6 +305,19 @@ def _assert_close(expected, actual, rtol=RTOL):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
 
 
+def assert_matches_reference(reference, got, mask, clip, nonfinite_rows: int) -> None:
+    """``(clipped_sum, norms)`` of a fast path against the reference's: some rows clipped,
+    the same rows non-finite (``nonfinite_rows`` of them counted), equal sums and finite
+    norms (rtol ``RTOL``), and a finite sum."""
+    (s_ref, n_ref), (s_got, n_got) = reference, got
+    finite = jnp.isfinite(n_ref)
+    assert jnp.min(n_ref[finite]) < clip < jnp.max(n_ref[finite])  # some rows clipped
+    assert bool(jnp.all(jnp.isfinite(n_got) == finite))
+    _assert_close((s_ref, jnp.where(finite, n_ref, 0)), (s_got, jnp.where(finite, n_got, 0)))
+    assert int(clipping.count_nonfinite(n_got, mask)) == nonfinite_rows
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(s_got))
+
+
 def _loop_reference(loss_fn, params, batch, mask, l2_clip_norm: float):
     """``(clipped_sum, norms)`` from ``jax.grad`` on one example at a time (float64 sums)."""
     x, y = batch
@@ -347,13 +360,8 @@ def test_fast_matches_vmap_with_mask_nonfinite_rows_and_clipping(name):
     else:
         s_vmap, n_vmap = fns["vmap"](params, (x, y), mask)
     s_fast, n_fast = fns["fast"](params, (x, y), mask)
-    finite = jnp.isfinite(n_vmap)
-    assert jnp.min(n_vmap[finite]) < CLIP[name] < jnp.max(n_vmap[finite])  # some rows clipped
-    assert bool(jnp.all(jnp.isfinite(n_fast) == finite))
-    _assert_close((s_vmap, jnp.where(finite, n_vmap, 0)), (s_fast, jnp.where(finite, n_fast, 0)))
-    if floats:
-        assert int(clipping.count_nonfinite(n_fast, mask)) == 1
-    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(s_fast))
+    assert_matches_reference((s_vmap, n_vmap), (s_fast, n_fast), mask, CLIP[name],
+                             nonfinite_rows=1 if floats else 0)
     # Adding one adversarial example (row 0, input scaled by 1e3 or fresh tokens) moves the
     # sum by at most C (float32: relative 1e-5).
     x_adv = x.at[0].set(x[1] * 1e3) if floats else x.at[0].set((x[1] * 5 + 3) % (x.max() + 1))

@@ -29,11 +29,13 @@ from test_fast_clipping import (
     _images,
     _linen,
     _mask,
+    assert_matches_reference,
     case,
 )
 
 from dpjax import clipping
 from dpjax.config import ConfigError, perf, validate
+from dpjax.memory import compiled_peak_bytes, step_peak_bytes
 from dpjax.models.nets import MLP
 from dpjax.train import init_state, make_dp_step, make_nonprivate_step
 
@@ -59,13 +61,8 @@ def test_lean_matches_vmap_with_mask_and_nonfinite_rows_at_odd_batch_size(name):
     mask = _mask(B).at[2].set(1.0).at[4].set(0.0)
     s_vmap, n_vmap = _vmap(loss_fn, CLIP[name])(params, (x, y), mask)
     s_lean, n_lean = _lean(loss_fn, CLIP[name])(params, (x, y), mask)
-    finite = jnp.isfinite(n_vmap)
-    assert jnp.min(n_vmap[finite]) < CLIP[name] < jnp.max(n_vmap[finite])  # some rows clipped
-    assert bool(jnp.all(jnp.isfinite(n_lean) == finite))
-    _assert_close((s_vmap, jnp.where(finite, n_vmap, 0)), (s_lean, jnp.where(finite, n_lean, 0)))
-    if floats:
-        assert int(clipping.count_nonfinite(n_lean, mask)) == 1
-    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(s_lean))
+    assert_matches_reference((s_vmap, n_vmap), (s_lean, n_lean), mask, CLIP[name],
+                             nonfinite_rows=1 if floats else 0)
 
 
 def test_lean_matches_vmap_with_per_layer_bounds():
@@ -128,23 +125,6 @@ def test_lean_reports_the_leaves_that_fall_back_to_vmap_and_why(caplog):
     _assert_close(_vmap(loss_fn, 1.0)(params, batch, jnp.ones(B)), got)
 
 
-def _peak_bytes(fn, *args) -> int:
-    m = fn.lower(*args).compile().memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-
-
-def _step_peak_bytes(step, state, batch, mask) -> int:
-    """XLA's estimate of a whole step: its one program's, or, for a step run as two
-    programs, the larger of the two, the update's with the batch the caller holds."""
-    if not step.parts.split:
-        return _peak_bytes(step.step, state, batch, mask)
-    partial, _ = jax.eval_shape(step.clipped_sum, state.params, batch, mask)
-    held = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((batch, mask)))
-    return max(_peak_bytes(step.clipped_sum, state.params, batch, mask),
-               _peak_bytes(step.apply, state, partial) + held)
-
-
 def _steps(loss_fn, b, methods):
     return {m: make_dp_step(loss_fn, optax.sgd(0.1), noise_multiplier=1.0, l2_clip_norm=1.0,
                             expected_batch_size=float(b), clipping_method=m)
@@ -161,7 +141,7 @@ def test_lean_dp_step_gives_the_fast_step_and_needs_less_memory():
     state, mask = init_state(params, optax.sgd(0.1), seed=0), _mask(256)
     steps = _steps(loss_fn, 256, ("fast", "fast_lean"))
     assert not steps["fast"].parts.split and steps["fast_lean"].parts.split
-    fast, lean = (_step_peak_bytes(steps[m], state, batch, mask) for m in ("fast", "fast_lean"))
+    fast, lean = (step_peak_bytes(steps[m], state, batch, mask) for m in ("fast", "fast_lean"))
     assert lean < 0.8 * fast, (lean, fast)
     after = {m: steps[m].step(init_state(params, optax.sgd(0.1), seed=0), batch, mask)
              for m in steps}
@@ -177,9 +157,10 @@ def test_lean_dp_step_memory_is_within_1_2x_of_the_non_private_step():
     # The issue's target: MLP 784-512-512-10 at B = 1024, XLA's compiled estimates only.
     loss_fn, params, batch = _linen(MLP(), jnp.zeros((1024, 784)), 10)
     state, mask = init_state(params, optax.sgd(0.1), seed=0), jnp.ones(1024)
-    plain = _peak_bytes(make_nonprivate_step(loss_fn, optax.sgd(0.1)).step, state, batch, mask)
-    lean = _step_peak_bytes(_steps(loss_fn, 1024, ("fast_lean",))["fast_lean"], state, batch,
-                            mask)
+    plain = compiled_peak_bytes(make_nonprivate_step(loss_fn, optax.sgd(0.1)).step, state,
+                                batch, mask)
+    lean = step_peak_bytes(_steps(loss_fn, 1024, ("fast_lean",))["fast_lean"], state, batch,
+                           mask)
     assert lean <= 1.2 * plain, (lean / plain)
 
 
