@@ -182,10 +182,22 @@ def jax_privacy_step_time(loss_fn, params, batch, rounds: int) -> float | None:
 
 
 def opacus_step_time(kind: str, batch, rounds: int) -> float | None:
-    """Opacus 'ghost' clipping (two backward passes) on the same MLP / CNN in CPU torch."""
+    """Opacus 'ghost' clipping (two backward passes) on the same MLP / CNN in CPU torch,
+    timed in a child process so that torch's thread pool (``set_num_threads``) never
+    shares a process with XLA's. (In-process and child-process runs, 2026-11-30, gave the
+    same JAX rows within the run-to-run spread: this is hygiene, not a measured fix.)"""
     if importlib.util.find_spec("opacus") is None or importlib.util.find_spec("torch") is None:
         return None
+    import multiprocessing  # noqa: PLC0415
+
     import numpy as np  # noqa: PLC0415
+
+    args = (kind, np.asarray(batch[0]), np.asarray(batch[1]), rounds)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_opacus_child, args)
+
+
+def _opacus_child(kind: str, images, labels, rounds: int) -> float | None:
     import torch  # noqa: PLC0415
     from opacus import PrivacyEngine  # noqa: PLC0415
 
@@ -205,8 +217,8 @@ def opacus_step_time(kind: str, batch, rounds: int) -> float | None:
         )  # fmt: skip
     else:
         return None
-    x = torch.from_numpy(np.asarray(batch[0])).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(np.asarray(batch[1])).long()
+    x = torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(labels.copy()).long()
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=x.shape[0]
     )
