@@ -15,7 +15,8 @@
 # OUT (default experiments/lm_privacy/results), BIN (default .venv/bin), SOURCE (an
 # existing pre-training run to fine-tune from: skips pre-training and the no-fine-tuning
 # evaluation, e.g. to add seeds under OUT=<first OUT>/more; the table reads every
-# audit.json under the directory it is given).
+# audit.json under the directory it is given), SECRET_LENGTH (digits of the PIN: the
+# candidate space is 10^SECRET_LENGTH; default 6, or 4 with REDUCED=1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEEDS=${SEEDS:-0,1,2}
@@ -25,13 +26,13 @@ BIN=${BIN:-.venv/bin}
 MODEL=()
 PRETRAIN=()
 FINETUNE=()
-AUDIT=(audit.secret_length=6)        # 10^6 PINs, every candidate ranked
+AUDIT=(audit.secret_length=${SECRET_LENGTH:-6})  # 10^6 PINs, every candidate ranked
 if [ -n "${REDUCED:-}" ]; then
   MODEL=(model.options.num_layers=1 model.options.width=64 model.options.num_heads=2
          model.options.mlp_ratio=2 dataset.options.context_length=64)
   PRETRAIN=(train.steps=400 train.eval_every=400)
   FINETUNE=(train.steps=150 train.eval_every=150)
-  AUDIT=(audit.secret_length=4)      # 10^4 PINs
+  AUDIT=(audit.secret_length=${SECRET_LENGTH:-4})  # 10^4 PINs
 fi
 mkdir -p "$OUT"
 if [ -z "${SOURCE:-}" ]; then
