@@ -156,6 +156,8 @@ EXTENDED = {
         "14 step audits, one per mechanism path and its 0.87-sigma variant",
     "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[step_audit_seeds]":
         "a step audit compiled and 3 seeds: about 40 s loaded",
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[ddp_audit_sharpness]":
+        "the Skellam step audit compiled and 2 seeds: 13 s loaded (warm cache)",
     "tests/secagg/test_discrete.py::test_low_acceptance_rejection_sampler_leaves_no_coordinate"
     "_unsampled_at_2_to_21": "41 s loaded; CI checks the 8M-draw small-lambda Poisson call",
     # fast_lean (issue 14), cold cache, idle-ish 2026-11-30: CI keeps the Linen and dict MLP

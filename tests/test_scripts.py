@@ -129,6 +129,21 @@ def check_step_audit_seeds(out: str) -> None:
     assert abs(num(row[9]) - 1) < 0.25 and abs(num(row[10]) - 1) < 0.25
 
 
+def check_ddp_audit_sharpness(out: str) -> None:
+    rows = table(out, "| path | R | claim | claim at 1.15x noise | lower bounds (min / median "
+                      "/ max) | consistent | sharp | seconds/seed |")
+    assert [(row[0], num(row[1])) for row in rows] == [("skellam", 250)]
+    claim, at_more_noise = num(rows[0][2]), num(rows[0][3])
+    assert 0 < at_more_noise < claim  # more noise, a smaller claim
+    low, mid, high = (float(v) for v in rows[0][4].split("/"))
+    assert low <= mid <= high
+    consistent, sharp = (rows[0][i].split("/") for i in (5, 6))
+    assert int(consistent[1]) == int(sharp[1]) == 2
+    assert 0 <= int(sharp[0]) <= 2 and 0 <= int(consistent[0]) <= 2
+    # a seed is counted sharp when its bound is above the claim at more noise
+    assert (int(sharp[0]) > 0) == (high > at_more_noise)
+
+
 def check_bench_clipping(out: str) -> None:
     rows = table(out, "| model | framework | path | step ms | x non-private | grad ms "
                       "| x non-private | step MiB | grad MiB |")
@@ -258,6 +273,8 @@ SMOKE: dict[str, tuple[list[str], Callable[[str], None]]] = {
     "audit_sharpness": (["--quick"], check_audit_sharpness),
     "bench_audit": (["--trials", "200"], check_bench_audit),
     "bench_clipping": (["--quick", "--rounds", "1"], check_bench_clipping),
+    "ddp_audit_sharpness": (["--paths", "skellam", "--trials", "250", "--seeds", "2"],
+                            check_ddp_audit_sharpness),
     "bench_exposure": (["--digits", "1", "--full-digits", "2", "--repeats", "1"],
                        check_bench_exposure),
     "bench_lm": (["--batch-size", "2", "--repeats", "1", "--rank", "2"], check_bench_lm),
