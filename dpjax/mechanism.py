@@ -293,15 +293,45 @@ def distributed_mechanism(cls, d, common: dict, clip, steps: int, seed: int) -> 
 
     if d.target_epsilon is None:
         return build(d.noise_multiplier)
+    from dpjax.secagg.ddp_params import NoRoomForNoise  # noqa: PLC0415
+
+    def epsilon(sigma: float) -> float | None:
+        """sigma's epsilon, or None when that much noise does not fit ``2^secagg_bits``."""
+        try:
+            return build(sigma).epsilon(steps, d.delta, d.accountant)
+        except NoRoomForNoise:
+            return None
+
     lo, hi = 0.05, 1.0
-    while build(hi).epsilon(steps, d.delta, d.accountant) > d.target_epsilon:
+    eps = epsilon(hi)
+    while eps is not None and eps > d.target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e4:
             raise ValueError(f"Expected dp.target_epsilon={d.target_epsilon} to be reachable "
                              "with distributed noise at these settings.")
+        eps = epsilon(hi)
+    if eps is None:
+        # The noise stops fitting the modulus between lo and hi (more noise never fits
+        # better): the target is reachable only below that limit. Probing powers of two
+        # must not refuse a target whose sigma fits (issue 13: 12 bits at epsilon 2).
+        if epsilon(lo) is None:
+            build(lo)  # raises NoRoomForNoise with the smallest bits that would fit
+        fits, over = lo, hi
+        while over / fits - 1 > 1e-3:
+            mid = math.sqrt(fits * over)
+            fits, over = (mid, over) if epsilon(mid) is not None else (fits, mid)
+        at_limit = epsilon(fits)
+        if at_limit > d.target_epsilon:
+            raise NoRoomForNoise(
+                f"Expected dp.target_epsilon={d.target_epsilon} to be reachable at "
+                f"dp.secagg_bits={d.secagg_bits}: the most noise that fits (central "
+                f"noise_multiplier {fits:.4g}) gives epsilon {at_limit:.4g}. Raise "
+                "dp.secagg_bits, or lower the parties per round or the model's dimension.")
+        hi = fits
     while hi / lo - 1 > 1e-3:
         mid = math.sqrt(lo * hi)
-        if build(mid).epsilon(steps, d.delta, d.accountant) <= d.target_epsilon:
+        eps = epsilon(mid)
+        if eps is not None and eps <= d.target_epsilon:
             hi = mid
         else:
             lo = mid

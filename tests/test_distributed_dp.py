@@ -95,6 +95,28 @@ def test_a_target_epsilon_calibrates_the_central_multiplier_with_the_discrete_ac
     assert 0.99 * 3.0 <= summary["epsilon"] <= 3.0
 
 
+def test_calibration_searches_below_the_noise_that_no_longer_fits_the_modulus():
+    """At 10 bits digits_quick's MLP (hidden [4], 4 parties) fits a central multiplier up
+    to about 4.34, not 8. The calibration's doubling probes 8 on its way to a target whose
+    sigma is 4.2: it must search below the limit, not refuse a target that fits (found running
+    MNIST-1D at epsilon 2, 12 bits), and refuse one past the limit saying why."""
+    from dpjax.assembly import assemble_parts
+    from dpjax.secagg.ddp_params import NoRoomForNoise
+
+    common = ("dp.noise=skellam", "dp.secagg_bits=10")
+    cfg = _cfg(*common, "dp.noise_multiplier=4.2")
+    target = assemble_parts(cfg).mechanism.epsilon(3, cfg.dp.delta, cfg.dp.accountant)
+    with pytest.raises(NoRoomForNoise, match="bits=10"):
+        assemble_parts(_cfg(*common, "dp.noise_multiplier=8"))
+    mech = assemble_parts(_cfg(*common, "dp.noise_multiplier=null",
+                               f"dp.target_epsilon={target}")).mechanism
+    assert mech.noise_multiplier == pytest.approx(4.2, rel=2e-3)
+    assert mech.epsilon(3, cfg.dp.delta, cfg.dp.accountant) <= target
+    with pytest.raises(NoRoomForNoise, match=r"target_epsilon=0.01 .*secagg_bits=10: the most "
+                                             r"noise that fits"):
+        assemble_parts(_cfg(*common, "dp.noise_multiplier=null", "dp.target_epsilon=0.01"))
+
+
 def test_simulated_dropouts_without_distributed_noise_are_refused():
     """Central noise simulates no dropped parties: the key would be silently ignored."""
     cfg = _cfg("dp.noise=gaussian", "dp.simulated_dropouts=1")

@@ -67,6 +67,12 @@ from dpjax.secagg.wrap import wrap_probability_bound
 INT32_SAFE = 2.0**30
 
 
+class NoRoomForNoise(ValueError):
+    """No scale ``gamma`` keeps the wrap-around probability within its target at these
+    ``bits``: the noise (with the signal) does not fit the modulus. More noise never fits
+    better, so a calibration can search below the noise that raised it."""
+
+
 class Noise(enum.StrEnum):
     """Per-party discrete noise; decides the accountant's event."""
 
@@ -289,7 +295,7 @@ def choose_parameters(
             if working is not None
             else "no bits <= 32 would: lower the noise, dim or the parties per round"
         )
-        raise ValueError(
+        raise NoRoomForNoise(
             f"Expected bits={bits} to leave room for the noise: no gamma keeps the wrap-around "
             f"probability <= {wrap_probability} (d={dim}, n={num_parties}, noise_multiplier="
             f"{noise_multiplier}); {hint}."
