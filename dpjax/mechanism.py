@@ -314,13 +314,16 @@ def distributed_mechanism(cls, d, common: dict, clip, steps: int, seed: int) -> 
         # The noise stops fitting the modulus between lo and hi (more noise never fits
         # better): the target is reachable only below that limit. Probing powers of two
         # must not refuse a target whose sigma fits (issue 13: 12 bits at epsilon 2).
-        if epsilon(lo) is None:
+        fits, over, at_limit = lo, hi, epsilon(lo)
+        if at_limit is None:
             build(lo)  # raises NoRoomForNoise with the smallest bits that would fit
-        fits, over = lo, hi
         while over / fits - 1 > 1e-3:
             mid = math.sqrt(fits * over)
-            fits, over = (mid, over) if epsilon(mid) is not None else (fits, mid)
-        at_limit = epsilon(fits)
+            eps = epsilon(mid)
+            if eps is None:
+                over = mid
+            else:
+                fits, at_limit = mid, eps
         if at_limit > d.target_epsilon:
             raise NoRoomForNoise(
                 f"Expected dp.target_epsilon={d.target_epsilon} to be reachable at "
