@@ -37,8 +37,13 @@ from dpjax.fast_clipping.batch_axes import Rows, dot_axes, gather_output_axes
 
 def expose(x: jax.Array, s: Rows, b: int) -> jax.Array:
     """``x`` with the example index moved to the front: ``[B, *pre, outer, inner, *post]``."""
-    shape = x.shape[: s.axis] + (s.outer, b, s.inner) + x.shape[s.axis + 1 :]
-    return jnp.moveaxis(x.reshape(shape), s.axis + 1, 0)
+    pre, post = x.shape[: s.axis], x.shape[s.axis + 1 :]
+    if s.outer == 1 and s.inner == 1:
+        # Move the axis first, then add the unit axes: a transpose of a transpose that XLA
+        # folds away (Equinox's [F, B] output gradients), where a reshape between them
+        # would make it copy.
+        return jnp.moveaxis(x, s.axis, 0).reshape((b, *pre, 1, 1, *post))
+    return jnp.moveaxis(x.reshape(pre + (s.outer, b, s.inner) + post), s.axis + 1, 0)
 
 
 def _labelled(ndim: int, axis: int, tag: str) -> list[Any]:
