@@ -421,6 +421,45 @@ def test_embedding_ghost_and_direct_branches_count_repeated_tokens():
         _assert_close(*_both(loss_fn, params, batch, jnp.ones(3), 1e3))
 
 
+class EqxEmbed(eqx.Module):
+    table: eqx.nn.Embedding
+    out: eqx.nn.Linear
+
+    def __init__(self, key, vocab=40):
+        k1, k2 = jax.random.split(key)
+        self.table, self.out = eqx.nn.Embedding(vocab, 4, key=k1), eqx.nn.Linear(4, 3, key=k2)
+
+    def __call__(self, ids):  # one example [T]
+        return self.out(jnp.sum(jax.vmap(self.table)(ids), axis=0))
+
+
+def test_equinox_embedding_takes_the_embedding_rule_and_a_dropping_gather_does_not():
+    # eqx.nn.Embedding gathers weight[(id,)] with a second, column start index (always
+    # clamped to 0: the slice is the whole row). Before, it fell to per-example gradients
+    # [B, V, D]. Ids outside [0, V) are clamped by both paths.
+    ids = jnp.array([[1, 1, 1, 2], [3, 39, 0, 3], [0, 1, 2, 45], [-2, 5, 5, 5]])
+    for vocab in (4, 40):  # 2 * 4^2 = 32 >= 4 * 4: direct; < 40 * 4: ghost
+        loss_fn, params, batch = _eqx(functools.partial(EqxEmbed, vocab=vocab), ids, 3)
+        branch = describe(loss_fn, params, batch)[".table.weight"]
+        assert branch == ("embed: direct" if vocab == 4 else "embed: ghost")
+        _assert_close(*_both(loss_fn, params, batch, jnp.array([1.0, 1.0, 0.0, 1.0]), 0.5))
+    # The same lookup with FILL_OR_DROP: a nonzero column start would drop the row, so its
+    # value matters and the rule does not apply (per-example gradients instead).
+    table = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((40, 4)), jnp.float32)}
+    dn = jax.lax.GatherDimensionNumbers(offset_dims=(2, 3), collapsed_slice_dims=(),
+                                        start_index_map=(0, 1))
+
+    def dropping(p, batch):
+        ids, y = batch
+        starts = jnp.concatenate([ids[..., None], jnp.where(ids == 3, 1, 0)[..., None]], axis=-1)
+        h = jax.lax.gather(p["w"], starts, dn, (1, 4), mode="fill", fill_value=0.0)
+        return _ce(jnp.sum(h, axis=(1, 2))[:, :3], y)
+
+    batch = (ids, jnp.arange(4) % 3)
+    assert describe(dropping, table, batch)["['w']"] == "per-example: gather"
+    _assert_close(*_both(dropping, table, batch, jnp.ones(4), 0.5))
+
+
 def test_every_framework_finds_its_layers():
     kinds = {}
     for name in ("transformer", "nnx_transformer", "nnx_cnn", "eqx_cnn", "dict_mlp", "ensemble"):

@@ -54,6 +54,8 @@ ROWS = {
     "take_along_axis": (
         lambda w, x: jnp.take_along_axis(x[:, 0], jnp.argmax(x[:, 1], -1)[:, None], -1), Rows(0)),
     "two_views": (lambda w, x: jnp.concatenate([x, 2 * x]), Rows(0, outer=2)),
+    "stack_after_the_batch": (lambda w, x: jnp.stack([x, 2 * x], axis=-1), Rows(0)),
+    "stack_before_the_batch": (lambda w, x: jnp.stack([x, 2 * x]), Rows(1)),
     "scan_over_time": (
         lambda w, x: jax.lax.scan(lambda c, xt: (jnp.tanh(c + xt @ w), None),
                                   jnp.zeros((B, 2)), jnp.swapaxes(x, 0, 1))[0], Rows(0)),
@@ -69,6 +71,7 @@ MIXING = {
     "sort_over_examples": lambda w, x: jnp.sort(x, axis=0),
     "cumsum_over_examples": lambda w, x: jnp.cumsum(x, axis=0),
     "permute_examples": lambda w, x: x[PERM],
+    "stack_with_a_transpose": lambda w, x: jnp.stack([x[:, :, 0], x[:, :, 0].T]),  # T == B
     "custom_vjp_rule_that_mixes": lambda w, x: _mixing_grad(x),
 }
 UNKNOWN = {

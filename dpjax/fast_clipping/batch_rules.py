@@ -268,6 +268,13 @@ def _concatenate(ctx: Ctx) -> list[State]:
     return [Rows(d, r.outer * len(ctx.ins), r.inner)]
 
 
+def _stack(ctx: Ctx) -> list[State]:
+    """``stack`` (a primitive since jax 0.10) inserts a new axis ``d``: never the batch's."""
+    d = int(ctx.op.params["axis"]) % len(ctx.out_shape())
+    r = _same_layout(ctx, lambda k, s: s.axis if s.axis < d else s.axis + 1)
+    return [r] if isinstance(r, Rows) else r
+
+
 def _split(ctx: Ctx) -> list[State]:
     (_, s), = ctx.rows()
     if int(ctx.op.params["axis"]) % len(ctx.shape(0)) == s.axis:
@@ -402,6 +409,7 @@ STRUCTURAL_RULES: dict[str, Rule] = {
     "dynamic_slice": _dynamic_slice,
     "dynamic_update_slice": _dynamic_update_slice,
     "concatenate": _concatenate,
+    "stack": _stack,
     "split": _split,
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,

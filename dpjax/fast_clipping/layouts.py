@@ -259,6 +259,7 @@ class EmbedLayout:
     width: int
     mode: str  # "clip" or "drop": what happens to ids outside [0, V)
     positions: int
+    id_column: int = 0  # the entry of the index vector that is the row id
     kind: str = "embed"
 
     @property
@@ -266,7 +267,7 @@ class EmbedLayout:
         return 1, self.vocab, self.width
 
     def operands(self, idx: jax.Array, g: jax.Array, b: int):
-        ids = expose(idx[..., 0], self.idx_state, b).reshape(b, -1)
+        ids = expose(idx[..., self.id_column], self.idx_state, b).reshape(b, -1)
         if self.mode == "clip":
             valid = jnp.ones(ids.shape, bool)
             ids = jnp.clip(ids, 0, self.vocab - 1)
@@ -288,19 +289,25 @@ class EmbedLayout:
 def embed_layout(params: dict, shapes, idx_state: Rows, out_state: Rows):
     dn = params["dimension_numbers"]
     table, idx = shapes
-    if getattr(dn, "operand_batching_dims", ()) or tuple(dn.start_index_map) != (0,):
+    starts = tuple(int(d) for d in dn.start_index_map)
+    mode = str(params.get("mode", "")).upper()
+    if getattr(dn, "operand_batching_dims", ()) or 0 not in starts or idx[-1] != len(starts):
         return "a gather that is not a row lookup"
-    if idx[-1] != 1 or tuple(params["slice_sizes"]) != (1, *table[1:]):
+    if tuple(params["slice_sizes"]) != (1, *table[1:]):
+        return "a gather that is not a row lookup"
+    if starts != (0,) and "CLIP" not in mode:
+        # Other start indices (Equinox's weight[(id,)] passes a column start too) select
+        # whole dimensions: clamped, any value reads the full row. Dropped, a nonzero
+        # start would drop it: the row would depend on a value the plan cannot see.
         return "a gather that is not a row lookup"
     batch_out, _ = gather_output_axes(dn, len(table), len(idx))
     offset = tuple(int(d) for d in dn.offset_dims)
     if list(offset) != sorted(offset) or batch_out != list(range(len(batch_out))):
         return "a gather whose output dimensions are permuted"
-    mode = str(params.get("mode", "")).upper()
     return EmbedLayout(
         idx_state=idx_state, out_state=out_state, out_ndim=len(batch_out) + len(offset),
         offset_dims=offset, vocab=table[0], width=math.prod(table[1:]),
-        mode="clip" if "CLIP" in mode else "drop",
+        mode="clip" if "CLIP" in mode else "drop", id_column=starts.index(0),
         positions=idx_state.outer * idx_state.inner * math.prod(
             n for d, n in enumerate(idx[:-1]) if d != idx_state.axis),
     )
