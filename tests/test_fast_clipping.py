@@ -460,6 +460,28 @@ def test_equinox_embedding_takes_the_embedding_rule_and_a_dropping_gather_does_n
     _assert_close(*_both(dropping, table, batch, jnp.ones(4), 0.5))
 
 
+@pytest.mark.parametrize("mode", ["clip", "fill"])
+def test_embedding_ids_of_a_narrow_dtype_address_the_rows_they_name(mode):
+    # uint8 ids into 300 rows: the rule's clamp to V - 1 = 299 wrapped to 43 in uint8
+    # (found by review, 2026-11-30): the sum went to the wrong rows, and dropped ids
+    # lowered the norms. int8 ids (with negatives) raised OverflowError.
+    rng = np.random.default_rng(0)
+    table = {"w": jnp.asarray(rng.standard_normal((300, 4)), jnp.float32)}
+    dn = jax.lax.GatherDimensionNumbers(offset_dims=(2,), collapsed_slice_dims=(0,),
+                                        start_index_map=(0,))
+
+    def loss_fn(p, batch):
+        ids, y = batch
+        h = jax.lax.gather(p["w"], ids[..., None], dn, (1, 4), mode=mode, fill_value=0.0)
+        return _ce(jnp.sum(h, axis=1)[:, :3], y)
+
+    for ids in (jnp.array([[200, 250, 3], [7, 255, 0], [1, 2, 3]], jnp.uint8),
+                jnp.array([[-3, 127, 3], [7, -128, 0], [1, 2, 100]], jnp.int8)):
+        batch = (ids, jnp.arange(3) % 3)
+        assert describe(loss_fn, table, batch)["['w']"].startswith("embed")
+        _assert_close(*_both(loss_fn, table, batch, jnp.ones(3), 1e3))
+
+
 def test_every_framework_finds_its_layers():
     kinds = {}
     for name in ("transformer", "nnx_transformer", "nnx_cnn", "eqx_cnn", "dict_mlp", "ensemble"):

@@ -268,12 +268,16 @@ class EmbedLayout:
 
     def operands(self, idx: jax.Array, g: jax.Array, b: int):
         ids = expose(idx[..., self.id_column], self.idx_state, b).reshape(b, -1)
+        # The last row an id of this dtype can name: V - 1 itself would wrap in a narrow
+        # dtype (uint8 ids, V = 300: clip(200, 0, 299) gave 43).
+        top = min(self.vocab - 1, int(jnp.iinfo(ids.dtype).max))
         if self.mode == "clip":
             valid = jnp.ones(ids.shape, bool)
-            ids = jnp.clip(ids, 0, self.vocab - 1)
+            ids = jnp.clip(ids, 0, top)
         else:
-            valid = (ids >= 0) & (ids < self.vocab)
+            valid = (ids >= 0) & (ids <= top)
             ids = jnp.where(valid, ids, 0)
+        ids = ids.astype(jnp.int32)  # in [0, V): V is a table dimension, within int32
         o = self.out_state
         labels = _labelled(self.out_ndim, o.axis, "g")
         rest = [lab for lab in labels if lab != "ex" and (lab in ("o", "n") or lab[1] not in
