@@ -38,7 +38,9 @@ Tightness: the union bound is nearly exact for small targets and the noise
 tail is exact; the loss is a factor ~ ``sqrt(1 + var_A / var_N)`` from the
 signal's Chernoff step. When the total noise standard deviation exceeds
 ``2^17`` integer units the window would be too long and the noise tail is
-bounded by Chernoff too (looser by a factor ~ ``z sqrt(2 pi)``, ~5% in ``gamma``).
+bounded by Chernoff too (looser by a factor ~ ``z sqrt(2 pi)``, ~5% in ``gamma``);
+likewise for a Skellam sum whose variance is past ``scipy.special.ive``'s range
+(``2^30``: it returns NaN there).
 """
 
 from __future__ import annotations
@@ -138,13 +140,21 @@ def wrap_probability_bound(
     window = None
     if noise_sd <= _MAX_WINDOW_STD and k_b - k_a <= _MAX_WINDOW:
         ks = np.arange(k_a, k_b + 1, dtype=np.float64)
-        window = (ks, _log_tail_window(noise, total, tau, ks))
+        log_tail = _log_tail_window(noise, total, tau, ks)
+        # scipy's ive(k, mu) is NaN for mu >= 2^30 (scipy 1.x; a Skellam sum's variance
+        # at 18 bits and 128 parties is past it). Python's max() skips a NaN, which made
+        # this bound ~1e-4 where the wrap probability was ~1: without an exact tail,
+        # Chernoff alone.
+        if not np.any(np.isnan(log_tail)):
+            window = (ks, log_tail)
 
     def log_h(t: float) -> float:
         if window is None:
             return -t * r + max(0.0, _log_mgf_noise(noise, total, t))
         ks, log_tail = window
         inside = float(np.max(log_tail + t * ks))
+        if math.isnan(inside):  # never dropped by max() below: no bound from this t
+            return math.inf
         # k < k_a: P(N >= k) e^{tk} <= E e^{t'N} e^{(t - t')(k_a - 1)} for t' in [0, t];
         # k > k_b: <= E e^{t'N} e^{-(t' - t)(k_b + 1)} for t' > t. Any such t' is valid.
         fractions = _CHERNOFF_GRID

@@ -149,3 +149,35 @@ def test_the_overflow_wrap_bound_counts_every_unit_and_leaves_gamma_alone():
     assert two.gamma == one.gamma and two.wrap_probability_bound == one.wrap_probability_bound
     assert one.wrap_probability_bound < two.wrap_probability_bound_overflow < 1
     assert two.summary()["wrap_probability_bound_overflow"] == two.wrap_probability_bound_overflow
+
+
+@pytest.mark.parametrize("party_variance", [1.0e7, 1.6e7, 2.1e7, 4.0e7])
+def test_the_wrap_bound_is_never_below_one_coordinates_noise_tail(party_variance):
+    # 128 Skellam parties at 18 bits, D = 8192: the summed noise's variance is past 2^30
+    # (8.4e6 per party), where scipy.special.ive returns NaN. A NaN window was skipped
+    # by max(), and the bound fell to ~1e-4 where one coordinate alone wraps with
+    # probability ~1e-2 (the MNIST-1D study's Skellam-18 runs, 2026-11-30: gamma 19818
+    # instead of 8482). Lower bound used: the Gaussian tail of that coordinate's noise
+    # (Skellam at this mu is Gaussian to far better than the factor 2 allowed), with no
+    # signal at all.
+    from dpjax.secagg.wrap import wrap_probability_bound
+
+    n, bits, size = 128, 18, 8192
+    bound = wrap_probability_bound(bits=bits, padded_dim=size, num_parties=n,
+                                   party_signal_norm=1.0, flatness=1.0, noise="skellam",
+                                   party_noise=party_variance)
+    one_coordinate = math.erfc(2 ** (bits - 1) / math.sqrt(2 * n * party_variance))
+    assert one_coordinate > 1e-4  # the setting is one where the wrap target is missed
+    assert bound >= min(1.0, one_coordinate / 2), (bound, one_coordinate)
+
+
+def test_skellam_and_ddg_get_the_same_gamma_where_the_sum_variance_passes_2_to_30():
+    # Both noises are sub-Gaussian with the same variance; at 18 bits and 128 parties
+    # (the MNIST-1D study's setting) the wrap target limits both, and their gammas agree.
+    common = dict(noise_multiplier=5.226, l2_clip_norm=0.5, party_l2_bound=0.5, dim=6538,
+                  num_parties=128, min_honest_survivors=128, bits=18, unit="user")
+    sk, dg = (ddp_params.choose_parameters(noise=noise, **common)
+              for noise in ("skellam", "ddgauss"))
+    assert sk.gamma_limited_by == dg.gamma_limited_by == "wrap"
+    assert abs(sk.gamma / dg.gamma - 1) < 0.05, (sk.gamma, dg.gamma)
+    assert sk.wrap_probability_bound <= 1e-4
