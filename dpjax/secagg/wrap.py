@@ -153,8 +153,6 @@ def wrap_probability_bound(
             return -t * r + max(0.0, _log_mgf_noise(noise, total, t))
         ks, log_tail = window
         inside = float(np.max(log_tail + t * ks))
-        if math.isnan(inside):  # never dropped by max() below: no bound from this t
-            return math.inf
         # k < k_a: P(N >= k) e^{tk} <= E e^{t'N} e^{(t - t')(k_a - 1)} for t' in [0, t];
         # k > k_b: <= E e^{t'N} e^{-(t' - t)(k_b + 1)} for t' > t. Any such t' is valid.
         fractions = _CHERNOFF_GRID
