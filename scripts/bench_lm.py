@@ -8,7 +8,9 @@ and MLP kernels (36,864 parameters; the frozen base is closed over by the loss).
 Each configuration's non-private step and its DP steps (vmap and fast clipping;
 noise from the ChaCha20 run secret, as in a run) are timed in this one run,
 interleaved step by step, median of ``--repeats``. Memory is XLA's compiled
-estimate of the whole step (arguments + outputs + temporaries - aliased).
+estimate of the whole step (arguments + outputs + temporaries - aliased); GFLOP is
+XLA's cost analysis of the compiled step (load-independent: it shows, e.g., that the
+non-private LoRA step computes no gradient of the frozen base).
 
     python scripts/bench_lm.py [--batch-size 32] [--repeats 15] [--rank 8]
 """
@@ -50,6 +52,13 @@ def steps_of(task: dict, batch_size: int) -> dict:
     return steps, opt
 
 
+def compiled_gflop(fn, *args) -> float:
+    """XLA's flop count of ``fn`` compiled for ``args``, in 10^9 (NaN if XLA gives none)."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float((cost or {}).get("flops", float("nan"))) / 1e9
+
+
 def bench(trainable: str, rank: int, batch_size: int, repeats: int) -> list[dict]:
     task = task_of(trainable, rank, max(4 * batch_size, 200))
     batch = (jnp.asarray(task["x_train"][:batch_size]), jnp.asarray(task["y_train"][:batch_size]))
@@ -61,6 +70,7 @@ def bench(trainable: str, rank: int, batch_size: int, repeats: int) -> list[dict
                           secret=randomness.fresh_secret())
 
     memory = {name: compiled_peak_bytes(s.step, fresh(), batch, mask) for name, s in steps.items()}
+    gflop = {name: compiled_gflop(s.step, fresh(), batch, mask) for name, s in steps.items()}
     states = {name: fresh() for name in steps}
     for name, s in steps.items():  # compile and warm up
         for _ in range(2):
@@ -77,7 +87,8 @@ def bench(trainable: str, rank: int, batch_size: int, repeats: int) -> list[dict
     n = sum(a.size for a in jax.tree_util.tree_leaves(task["params"]))
     return [{"trainable": trainable, "params": n, "step": name,
              "ms": 1e3 * statistics.median(times[name]),
-             "ratio": statistics.median(times[name]) / base, "mib": memory[name] / 2**20}
+             "ratio": statistics.median(times[name]) / base, "mib": memory[name] / 2**20,
+             "gflop": gflop[name]}
             for name in steps]
 
 
@@ -93,12 +104,13 @@ def main() -> None:
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}, Python "
           f"{platform.python_version()}, batch {args.batch_size}, sequence 128, Adam, "
           f"median of {args.repeats} interleaved steps")
-    print("| trainable | trainable params | step | time (ms) | / non-private | memory (MiB) |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("| trainable | trainable params | step | time (ms) | / non-private | memory (MiB) "
+          "| GFLOP (XLA) |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for trainable in ("full", "lora"):
         for r in bench(trainable, args.rank, args.batch_size, args.repeats):
             print(f"| {r['trainable']} | {r['params']:,} | {r['step']} | {r['ms']:.1f} | "
-                  f"{r['ratio']:.2f} | {r['mib']:.1f} |", flush=True)
+                  f"{r['ratio']:.2f} | {r['mib']:.1f} | {r['gflop']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -189,16 +189,20 @@ def check_bench_exposure(out: str) -> None:
 
 def check_bench_lm(out: str) -> None:
     rows = table(out, "| trainable | trainable params | step | time (ms) | / non-private | memory "
-                      "(MiB) |")
+                      "(MiB) | GFLOP (XLA) |")
     assert [(row[0], row[2]) for row in rows] == [
         (t, s) for t in ("full", "lora") for s in ("non-private", "DP vmap", "DP fast")]
     params = {row[0]: num(row[1]) for row in rows}
     assert params["full"] == 479_747  # the default DecoderLM, as the docstring says
     assert 0 < params["lora"] < params["full"]
     for row in rows:
-        assert num(row[3]) > 0 and num(row[4]) > 0 and num(row[5]) > 0
+        assert num(row[3]) > 0 and num(row[4]) > 0 and num(row[5]) > 0 and num(row[6]) > 0
         if row[2] == "non-private":
             assert num(row[4]) == 1.0
+    gflop = {(row[0], row[2]): num(row[6]) for row in rows}
+    # the non-private LoRA baseline differentiates the adapters only: fewer flops than the
+    # full step, which also computes every frozen kernel's gradient
+    assert gflop["lora", "non-private"] < gflop["full", "non-private"]
 
 
 def check_bench_scaling(out: str) -> None:
