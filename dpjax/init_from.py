@@ -14,12 +14,22 @@ was trained on, and whether with DP, is read from its checkpoint's fingerprint
 may not start from parameters trained on its own private records -- non-privately,
 they would carry those records unprotected past the mechanism; with DP, the epsilon
 this run reports would count only its own steps.
+
+The check covers the whole chain (:class:`Origin`: the source, the source's source,
+...): a run that starts from another run writes that chain into its checkpoint
+(``provenance``), so a public pre-training continued from a private fine-tune does
+not launder the fine-tune's records. Records are compared by content as well as by
+configuration: every checkpoint holds a short hash of each record its run could see
+(``record_digests``: the training, validation and test records, canaries included),
+and a DP run is refused when any of its own records is among an origin's -- whatever
+path, copy or split the text came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,71 @@ from dpjax.models.transformer import DecoderLM
 PyTree = Any
 MAX_DEPTH = 8
 """Longest chain of ``init_from`` sources followed (a source that starts from a source...)."""
+PROVENANCE = "provenance"
+"""Checkpoint metadata key: the run's chain of sources (:meth:`Origin.to_meta` each)."""
+RECORD_DIGESTS = "record_digests"
+"""Checkpoint metadata key: :func:`record_digests` of every record the run's corpus holds."""
+DIGEST_CHARS = 16  # hex characters kept of each record's SHA-256 (64 bits)
+
+
+def record_digests(tokens, lengths, context_length: int) -> list[str]:
+    """The first 64 bits (hex) of the SHA-256 of each row's first window, sorted, distinct.
+
+    A row is ``[BOS, bytes..., EOS, PAD...]``; its first ``context_length + 1`` real
+    tokens are the same under ``overflow=truncate`` and ``windows``, so one record
+    gives one digest in every run of the same context length (which
+    ``model.init_from`` requires). These are unkeyed hashes of private text: they are
+    written to checkpoints only (as private as the data: they hold the secret).
+    """
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    out = set()
+    for row, n in zip(tokens, lengths, strict=True):
+        head = np.ascontiguousarray(row[:min(int(n), context_length + 1)], dtype="<i4")
+        out.add(hashlib.sha256(head.tobytes()).hexdigest()[:DIGEST_CHARS])
+    return sorted(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """One run of a chain of ``init_from`` sources: what it was trained on.
+
+    ``digests``: :func:`record_digests` of the records its corpus held (None for a
+    checkpoint written before 2026-12: then only the configuration is compared).
+    """
+
+    path: str
+    dataset: str
+    dataset_options: dict[str, Any]
+    dp_enabled: bool
+    epsilon: float | None
+    delta: float | None
+    steps: int
+    digests: tuple[str, ...] | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"path": self.path, "dataset": self.dataset,
+                "dataset_options": self.dataset_options, "dp_enabled": self.dp_enabled,
+                "epsilon": self.epsilon, "delta": self.delta, "steps": self.steps,
+                "digests": None if self.digests is None else "".join(self.digests)}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> Origin:
+        return cls(path=str(meta["path"]), dataset=str(meta["dataset"]),
+                   dataset_options=dict(meta.get("dataset_options") or {}),
+                   dp_enabled=bool(meta["dp_enabled"]), epsilon=meta.get("epsilon"),
+                   delta=meta.get("delta"), steps=int(meta.get("steps", 0)),
+                   digests=_split_digests(meta.get("digests")))
+
+    def public(self) -> dict[str, Any]:
+        """What ``summary.json`` reports of it (its configuration and accountant)."""
+        return {"path": self.path, "dataset": self.dataset, "dp_enabled": self.dp_enabled,
+                "epsilon": self.epsilon}
+
+
+def _split_digests(joined: str | None) -> tuple[str, ...] | None:
+    if joined is None:
+        return None
+    return tuple(joined[i:i + DIGEST_CHARS] for i in range(0, len(joined), DIGEST_CHARS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +120,7 @@ class Source:
     into their kernels; ``dataset`` / ``dataset_options`` / ``dp_enabled`` /
     ``epsilon`` (at ``delta``, with its own accountant; None without DP) come from
     its checkpoint; ``steps`` is the step the checkpoint was written at.
+    ``origins`` is the whole chain: this source first, then its own source, and so on.
     """
 
     path: str
@@ -55,6 +131,11 @@ class Source:
     epsilon: float | None
     delta: float | None
     steps: int
+    origins: tuple[Origin, ...] = ()
+
+    def provenance_meta(self) -> list[dict[str, Any]]:
+        """The chain, for the checkpoint metadata of a run that starts from this source."""
+        return [o.to_meta() for o in self.origins]
 
 
 def checkpoint_dir(path: str) -> Path:
@@ -96,10 +177,26 @@ def read_source(path: str, *, rebuild: Callable[[dict[str, Any], int], PyTree],
         delta = float(fp["dp.delta"])
         epsilon = accounting.Ledger.from_dict(meta["ledger"]).epsilon(
             delta, fp.get("dp.accountant", "rdp"))
-    return Source(path=path, params=fold_adapters(full, alpha),
-                  dataset=str(fp.get("dataset.name")),
-                  dataset_options=dict(fp.get("dataset.options") or {}),
-                  dp_enabled=dp_enabled, epsilon=epsilon, delta=delta, steps=step)
+    dataset, dataset_options = str(fp.get("dataset.name")), dict(fp.get("dataset.options") or {})
+    origin = Origin(path=str(Path(path).expanduser().absolute()), dataset=dataset,
+                    dataset_options=dataset_options, dp_enabled=dp_enabled, epsilon=epsilon,
+                    delta=delta, steps=step, digests=_split_digests(meta.get(RECORD_DIGESTS)))
+    return Source(path=path, params=fold_adapters(full, alpha), dataset=dataset,
+                  dataset_options=dataset_options, dp_enabled=dp_enabled, epsilon=epsilon,
+                  delta=delta, steps=step,
+                  origins=(origin, *_ancestors(meta, fp, rebuild, depth)))
+
+
+def _ancestors(meta: Mapping[str, Any], fp: Mapping[str, Any], rebuild, depth: int):
+    """The source's own chain: from its checkpoint, or (a checkpoint written before the
+    chain was recorded) by reading its ``model.init_from`` again; an unreadable one is an
+    error, never an empty chain."""
+    if PROVENANCE in meta:
+        return tuple(Origin.from_meta(m) for m in meta[PROVENANCE])
+    parent = fp.get("model.init_from")
+    if parent is None:
+        return ()
+    return read_source(str(parent), rebuild=rebuild, depth=depth + 1).origins
 
 
 def _overlay_saved(start: PyTree, saved: PyTree, path: str) -> PyTree:
@@ -173,22 +270,39 @@ def same_records(name: str, options: Mapping[str, Any], other_name: str,
 
 
 def check_source(source: Source, *, dataset: str, dataset_options: Mapping[str, Any],
-                 dp_enabled: bool, public_datasets: tuple[str, ...]) -> None:
-    """Refuses a DP run that starts from parameters trained on its own private records.
+                 dp_enabled: bool, public_datasets: tuple[str, ...],
+                 digests: Iterable[str] = ()) -> None:
+    """Refuses a DP run that starts from parameters trained, anywhere in the chain of
+    sources, on its own private records.
 
-    A source trained on a public corpus, or on other private records, is accepted
-    (the summary names its dataset and whether it used DP); so is any source for a
-    non-private run, which claims nothing.
+    Each :class:`Origin` of ``source.origins`` is compared with this run: by
+    configuration (:func:`same_records`) and by content (``digests``, this run's
+    :func:`record_digests`, against the origin's). An origin trained on a public corpus
+    is not compared (a private line may equal a public one), one on other private records
+    is accepted (the summary names the chain); so is any source for
+    a non-private run, which claims nothing; and a run on a public corpus has no private
+    records to compare.
     """
-    if not dp_enabled or source.dataset in public_datasets:
+    if not dp_enabled or dataset in public_datasets:
         return
-    if not same_records(source.dataset, source.dataset_options, dataset, dataset_options):
-        return
-    how = ("without DP: the parameters would carry those records past the mechanism, "
-           "unprotected" if not source.dp_enabled else
-           f"with DP (epsilon {source.epsilon:.3g}): this run's epsilon would count only its "
-           "own steps, not the source's on the same records")
-    raise ConfigError(
-        f"Expected model.init_from={source.path!r} not to be trained on this run's private "
-        f"dataset ({dataset} with the same records); it was trained on it {how}. Start from a "
-        "run on public data (e.g. experiment=lm_pretrain on pydoc_text).")
+    own = set(digests)
+    for depth, origin in enumerate(source.origins):
+        if origin.dataset in public_datasets:
+            continue  # a public corpus may share lines with the private one: nothing to protect
+        by_config = same_records(origin.dataset, origin.dataset_options, dataset,
+                                 dataset_options)
+        shared = 0 if origin.digests is None else len(own.intersection(origin.digests))
+        if not (by_config or shared):
+            continue
+        how = ("without DP: the parameters would carry those records past the mechanism, "
+               "unprotected" if not origin.dp_enabled else
+               f"with DP (epsilon {origin.epsilon:.3g}): this run's epsilon would count only "
+               "its own steps, not the source's on the same records")
+        chain = " <- ".join(o.path for o in source.origins[:depth + 1])
+        which = "" if depth == 0 else f" (through the chain of sources: {chain})"
+        what = (f"{shared} of this run's records" if shared
+                else f"this run's private dataset ({dataset} with the same records)")
+        raise ConfigError(
+            f"Expected model.init_from={source.path!r} not to be trained on this run's "
+            f"private records; {origin.path!r}{which} was trained on {what} {how}. Start "
+            "from a run on public data (e.g. experiment=lm_pretrain on pydoc_text).")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -137,10 +139,18 @@ class LMSetup:
     corpus: TextDataset
     source: init_from.Source | None
     canaries: CanarySet | None
+    digests: tuple[str, ...] = ()  # init_from.record_digests of the corpus (checkpoints only)
 
     @property
     def model(self) -> DecoderLM:
         return self.settings.model
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What this run's checkpoints record for runs that start from them: the chain of
+        sources and the corpus's record digests (private, like the checkpoint)."""
+        return {init_from.PROVENANCE: [] if self.source is None
+                else self.source.provenance_meta(),
+                init_from.RECORD_DIGESTS: "".join(self.digests)}
 
     def full_params(self, params: PyTree) -> PyTree:
         """The whole model's parameters from the task's (trainable) ``params``."""
@@ -185,14 +195,23 @@ def build_lm_fields(cfg: RunConfig) -> dict[str, Any]:
     _check_kinds(cfg)
     options, canaries = _dataset_options(cfg)
     settings = lm_settings(dict(cfg.model.options), options)
-    source = None
-    if cfg.model.init_from is not None:
-        source = load_source(cfg.model.init_from)
+    source = None if cfg.model.init_from is None else load_source(cfg.model.init_from)
+    corpus: TextDataset = load_dataset(cfg.dataset.name, **options)
+    if cfg.dataset.name == "text" and Path(str(options.get("path"))).expanduser().is_file():
+        logging.getLogger("dpjax").warning(
+            "dataset=text from one file: its test split is %d of your records, held out of "
+            "training; test_bits_per_byte and test_accuracy are computed on them without "
+            "noise and are not covered by epsilon. Publish them only if those records may be "
+            "public, or give a directory with a public test.txt.", corpus.num_test)
+    digests = tuple(init_from.record_digests(
+        np.concatenate([corpus.train_tokens, corpus.validation_tokens, corpus.test_tokens]),
+        np.concatenate([corpus.train_lengths, corpus.validation_lengths, corpus.test_lengths]),
+        corpus.context_length))
+    if source is not None:
         public_options = {k: v for k, v in options.items() if k != CANARIES_OPTION}
         init_from.check_source(source, dataset=cfg.dataset.name,
                                dataset_options=public_options, dp_enabled=cfg.dp.enabled,
-                               public_datasets=PUBLIC_TEXT_DATASETS)
-    corpus: TextDataset = load_dataset(cfg.dataset.name, **options)
+                               public_datasets=PUBLIC_TEXT_DATASETS, digests=digests)
     if corpus.num_test == 0:
         raise ConfigError(f"Expected a non-empty test split in dataset={cfg.dataset.name!r} "
                           "(test.txt): test_bits_per_byte is measured on it.")
@@ -208,7 +227,7 @@ def build_lm_fields(cfg: RunConfig) -> dict[str, Any]:
     trainable, frozen = split_params(params, trainable_mask(params, settings.trainable))
     loss = lm_loss(model.apply, context_length=model.context_length,
                    reduction=settings.loss_reduction)
-    setup = LMSetup(settings, frozen, num_params(trainable), corpus, source, canaries)
+    setup = LMSetup(settings, frozen, num_params(trainable), corpus, source, canaries, digests)
     largest = max(len(holdout[0]), corpus.num_test)
     return dict(
         x_train=corpus.train_tokens, y_train=corpus.train_lengths, holdout=holdout,
@@ -258,4 +277,6 @@ def summary_fields(setup: LMSetup | None) -> dict[str, Any]:
         "init_from_dataset": None if source is None else source.dataset,
         "init_from_dp_enabled": None if source is None else source.dp_enabled,
         "init_from_epsilon": None if source is None else source.epsilon,
+        "init_from_ancestors": None if source is None else [
+            o.public() for o in source.origins[1:]],
     }

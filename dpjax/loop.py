@@ -144,8 +144,10 @@ def _train_steps(run: Run, state: TrainState, progressed: resume.Progressed,
             progressed, ledger=ledger, num_nonfinite=carried + int(nonfinite),
             last_eval=recorder.last_eval, wall_time_s=elapsed())
 
+    lm_meta = {} if run.task.lm is None else run.task.lm.checkpoint_meta()
+
     def save() -> int:
-        return run.checkpointer.save(state, {**snapshot().to_meta(),
+        return run.checkpointer.save(state, {**snapshot().to_meta(), **lm_meta,
                                              checkpoint.DATA_FINGERPRINT: fingerprint})
 
     last_saved = int(state.step) if progressed.resumed_from else None

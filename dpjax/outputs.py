@@ -9,7 +9,8 @@ Every field written to the first two is either
 - ``public``: a function of the configuration and of the training-set size N
   (which dpjax, like every DP-SGD library, treats as public), or of events
   outside the data (a preemption), or an evaluation on the public test split
-  of a model that is itself covered; or
+  of a model that is itself covered (the test split is assumed public: see
+  ``TEST_SPLIT`` for the text corpora where it is not); or
 - ``covered``: released by the mechanism, so covered by the reported
   (epsilon, delta) (e.g. epsilon so far, which is a function of the steps
   taken, and the test metrics of the privately trained model).
@@ -34,6 +35,11 @@ METRICS = "metrics.jsonl"
 DIAGNOSTICS = "diagnostics.nonprivate.jsonl"
 
 PUBLIC, COVERED, NONPRIVATE = "public", "covered", "nonprivate"
+TEST_SPLIT = ("the private model evaluated on the test split, which dpjax treats as public: "
+              "the image datasets' test sets and pydoc_text's are; for private_text and the "
+              "user's text given as one file it is held-out records of that corpus (not "
+              "trained on, so outside epsilon's claim, and released without noise: publish "
+              "only if they may be public, or give a directory with a public test.txt)")
 
 SUMMARY_FIELDS: dict[str, tuple[str, str]] = {
     "dataset": (PUBLIC, "configuration"),
@@ -65,8 +71,8 @@ SUMMARY_FIELDS: dict[str, tuple[str, str]] = {
     "num_users": (PUBLIC, "the number of users, public like N (dp.unit=user)"),
     "distributed_dp": (PUBLIC, "gamma, per-party noise and sensitivities, chosen from the "
                                "configuration, N and the parameter count"),
-    "test_accuracy": (COVERED, "the private model evaluated on the public test split"),
-    "test_loss": (COVERED, "the private model evaluated on the public test split"),
+    "test_accuracy": (COVERED, TEST_SPLIT),
+    "test_loss": (COVERED, TEST_SPLIT),
     "eval_split": (PUBLIC, "configuration"),
     "stopped_reason": (PUBLIC, "completed or budget: from configuration and N"),
     "seed": (PUBLIC, "configuration (initialization, validation split; and, in seeded "
@@ -76,7 +82,7 @@ SUMMARY_FIELDS: dict[str, tuple[str, str]] = {
     "resumed_from": (PUBLIC, "steps at which the run was restarted: external events"),
     "status": (PUBLIC, "completed"),
     # language models (dpjax.lm_task); their test_accuracy is next-token accuracy
-    "test_bits_per_byte": (COVERED, "the private model evaluated on the public test split"),
+    "test_bits_per_byte": (COVERED, TEST_SPLIT),
     "corpus_hash": (PUBLIC, "SHA-256 of a corpus made from public inputs only (pydoc of the "
                             "running Python; the seeded synthetic corpus); null for the "
                             "user's text, whose hash would confirm guesses of it"),
@@ -89,14 +95,17 @@ SUMMARY_FIELDS: dict[str, tuple[str, str]] = {
     "init_from_dataset": (PUBLIC, "the source run's configuration"),
     "init_from_dp_enabled": (PUBLIC, "the source run's configuration"),
     "init_from_epsilon": (PUBLIC, "the source run's accountant, for its own dataset"),
+    "init_from_ancestors": (PUBLIC, "the source's own chain of sources: their paths, "
+                                    "datasets, whether with DP and their epsilons "
+                                    "(configuration and accountants)"),
 }
 
 METRICS_FIELDS: dict[str, tuple[str, str]] = {
     "step": (PUBLIC, "the step counter"),
     "epsilon": (PUBLIC, "accountant: function of the configuration and the steps taken"),
-    "test_accuracy": (COVERED, "the private model evaluated on the public test split"),
-    "test_loss": (COVERED, "the private model evaluated on the public test split"),
-    "test_bits_per_byte": (COVERED, "the private model evaluated on the public test split"),
+    "test_accuracy": (COVERED, TEST_SPLIT),
+    "test_loss": (COVERED, TEST_SPLIT),
+    "test_bits_per_byte": (COVERED, TEST_SPLIT),
 }
 
 DIAGNOSTIC_FIELDS: dict[str, str] = {

@@ -157,14 +157,74 @@ def test_a_dp_fine_tune_from_a_non_private_run_on_its_own_records_is_refused(tmp
                           "train.steps=1"]), source_dir)
     dp = ["experiment=lm_dp_finetune", *TINY, *TINY_PRIVATE, "model.options.lora_rank=4",
           f"model.init_from={source_dir}", "train.steps=1"]
-    with pytest.raises(ConfigError, match="not to be trained on this run's private dataset"):
+    with pytest.raises(ConfigError, match="not to be trained on this run's private records"):
         run_training(compose(dp), tmp_path / "refused")
     assert not (tmp_path / "refused" / "summary.json").exists()
     # other private records (another corpus seed) are not the run's own: accepted
+    from dpjax.lm_task import summary_fields
     from dpjax.task import build_task
 
     assert build_task(compose([*dp, "dataset.options.seed=1"])).lm.source.dataset == \
         "private_text"
+    # Laundering through a public run: continue pre-training on the public corpus from the
+    # leaky run, then fine-tune with DP from that. The public run's checkpoint carries the
+    # chain, so the DP run on the leaky run's records is still refused (it was accepted
+    # before the chain was recorded: only the direct source was checked).
+    public_dir = tmp_path / "public_from_leaky"
+    run_training(compose(["experiment=lm_pretrain", *TINY, f"model.init_from={source_dir}",
+                          "train.steps=1"]), public_dir)
+    laundered = [*dp[:-2], f"model.init_from={public_dir}", "train.steps=1"]
+    with pytest.raises(ConfigError, match="through the chain of sources") as refused:
+        build_task(compose(laundered))
+    assert str(source_dir) in str(refused.value) and "without DP" in str(refused.value)
+    # on other records it is accepted, and the summary names the whole chain
+    fields = summary_fields(build_task(compose([*laundered, "dataset.options.seed=1"])).lm)
+    assert fields["init_from_dataset"] == "pydoc_text"
+    [leaky] = fields["init_from_ancestors"]
+    assert leaky["dataset"] == "private_text" and leaky["dp_enabled"] is False
+    assert leaky["path"] == str(source_dir.absolute())
+
+
+def test_a_copy_of_the_sources_records_under_another_path_is_refused(tmp_path, caplog):
+    """Records are compared by content: the same lines in a copied file (another path, so
+    the configurations differ) are found by the source checkpoint's record digests."""
+    from dpjax.config import ConfigError
+    from dpjax.loop import run_training
+    from dpjax.task import build_task
+
+    lines = [f"patient {i} was seen on day {i % 28 + 1} for condition {i % 7}" for i in range(60)]
+    original = tmp_path / "a" / "notes.txt"
+    original.parent.mkdir()
+    original.write_text("\n".join(lines) + "\n")
+    copy = tmp_path / "b" / "notes_copy.txt"
+    copy.parent.mkdir()
+    copy.write_text("\n".join(reversed(lines)) + "\n")  # same records, another order
+    other = tmp_path / "c" / "others.txt"
+    other.parent.mkdir()
+    other.write_text("\n".join(f"account {i} paid {i * 7} euros" for i in range(60)) + "\n")
+    text = ["dataset=text", "dataset.options.context_length=32"]
+    source_dir = tmp_path / "leaky"
+    run_training(compose(["experiment=lm_nonprivate_finetune", *TINY, *text,
+                          f"dataset.options.path={original}", "train.steps=1"]), source_dir)
+    dp = ["experiment=lm_dp_finetune", *TINY, *text, "model.options.lora_rank=4",
+          f"model.init_from={source_dir}", "train.steps=1"]
+    with pytest.raises(ConfigError, match=r"was trained on \d+ of this run's records"):
+        build_task(compose([*dp, f"dataset.options.path={copy}"]))
+    assert build_task(compose([*dp, f"dataset.options.path={other}"])).lm.source is not None
+    # the digests (unkeyed hashes of private records) stay in the owner-only checkpoint
+    from dpjax import checkpoint
+    from dpjax.init_from import DIGEST_CHARS, RECORD_DIGESTS
+
+    _, meta, _ = checkpoint.read_params(source_dir / "checkpoints")
+    digests = meta[RECORD_DIGESTS]
+    assert len(digests) == DIGEST_CHARS * len(set(lines))
+    for public in ("summary.json", "metrics.jsonl"):
+        written = (source_dir / public).read_text()
+        assert not any(digests[i:i + DIGEST_CHARS] in written
+                       for i in range(0, len(digests), DIGEST_CHARS))
+    # a file's test split is the user's own records: the run says its metrics are not covered
+    assert "test split is 6 of your records" in caplog.text
+    assert "not covered by epsilon" in caplog.text
 
 
 # clip bounds between the rows' norms (seeded init, fixed rows): some rows clipped, some not
