@@ -386,6 +386,14 @@ def read_records(path: str | os.PathLike[str], *, allow_empty: bool = False) -> 
         line = raw[: err.start].count(b"\n") + 1
         raise ValueError(f"Expected {path} to be UTF-8 text; line {line} is not "
                          f"({err.reason}).") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first record
+    lone_cr = re.search(r"\r(?!\n)", text)
+    if lone_cr:
+        line = text.count("\n", 0, lone_cr.start()) + 1
+        raise ValueError(f"Expected {path} to separate records by newlines (\\n or \\r\\n); "
+                         f"line {line} holds a carriage return not followed by a newline, "
+                         "which would join several records into one row (classic Mac line "
+                         "endings: convert them, e.g. with tr '\\r' '\\n').")
     records = [line.rstrip("\r") for line in text.split("\n")]
     records = [r for r in records if r.strip()]
     if not records and not allow_empty:

@@ -194,6 +194,19 @@ def test_text_loader_errors_name_the_path_and_what_to_put_there(tmp_path):
         load_text(path=blank)
     with pytest.raises(ValueError, match="overflow='pack'"):
         load_text(path=bad, overflow="pack")
+    # classic Mac line endings would join three records into one row (packing): refused
+    mac = tmp_path / "mac.txt"
+    mac.write_bytes(b"alice 1\r\nbob 2\rcarol 3\r")
+    with pytest.raises(ValueError, match=r"mac\.txt .*line 2 holds a carriage return"):
+        load_text(path=mac)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    from dpjax.data.text import read_records
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffalice 1\r\nbob 2\n".encode())
+    assert read_records(path) == ["alice 1", "bob 2"]
 
 
 def test_canaries_are_inserted_into_train_only_with_their_repetitions():
