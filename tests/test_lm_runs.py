@@ -282,3 +282,46 @@ def test_fast_clipping_equals_vmap_clipping_on_the_lm(trainable):
             jax.tree_util.tree_leaves(fast_sum), jax.tree_util.tree_leaves(vmap_sum),
             strict=True)))
         assert diff <= 1e-4 * clip * kept.sum()
+
+
+def test_check_source_compares_every_private_origin_by_content_and_skips_public_ones():
+    """No training: the rule itself. A canary set trained into a source on other records
+    (another corpus seed) shares the audit's canary records, so it is refused too."""
+    from dpjax.config import ConfigError
+    from dpjax.data.canaries import make_canaries
+    from dpjax.data.text import load_private_text
+    from dpjax.init_from import Origin, Source, check_source, record_digests
+
+    canaries = make_canaries(seed=0, repetitions=(1,), canaries_per_repetition=2, num_fresh=1,
+                             secret_length=4)
+
+    def digests(seed, with_canaries):
+        ds = load_private_text(num_records=60, seed=seed, context_length=32,
+                               canaries=canaries if with_canaries else None)
+        return tuple(record_digests(ds.train_tokens, ds.train_lengths, 32))
+
+    audit_run = digests(0, True)
+
+    def source(dataset, seed, with_canaries, dp=False):
+        origin = Origin(path=f"/runs/{dataset}{seed}", dataset=dataset,
+                        dataset_options={"seed": seed}, dp_enabled=dp,
+                        epsilon=2.0 if dp else None, delta=1e-5 if dp else None, steps=1,
+                        digests=digests(seed, with_canaries))
+        public = Origin(path="/runs/pretrain", dataset="pydoc_text", dataset_options={},
+                        dp_enabled=False, epsilon=None, delta=None, steps=1,
+                        digests=audit_run)  # a public origin is never compared
+        return Source(path=public.path, params=None, dataset=public.dataset,
+                      dataset_options={}, dp_enabled=False, epsilon=None, delta=None,
+                      steps=1, origins=(public, origin))
+
+    def check(src, dp_enabled=True):
+        check_source(src, dataset="private_text", dataset_options={"seed": 0},
+                     dp_enabled=dp_enabled, public_datasets=("pydoc_text",),
+                     digests=audit_run)
+
+    check(source("private_text", 1, with_canaries=False))  # other records: accepted
+    with pytest.raises(ConfigError, match=r"was trained on 2 of this run's records without DP"):
+        check(source("private_text", 1, with_canaries=True))  # the audit's 2 canaries
+    with pytest.raises(ConfigError, match=r"through the chain.*with DP \(epsilon 2\)"):
+        check(source("private_text", 0, with_canaries=False, dp=True))  # same seed
+    check(source("private_text", 0, with_canaries=True), dp_enabled=False)  # claims nothing
