@@ -110,6 +110,11 @@ def _user_level(cfg: RunConfig, task: Task, steps: int, mesh) -> Parts:
     import dpjax.federated.settings as fed  # noqa: PLC0415
     from dpjax.federated.rounds import user_level_mechanism, user_secagg  # noqa: PLC0415
 
+    if task.lm is not None:
+        raise ConfigError(f"Expected dp.unit='example' with dataset={cfg.dataset.name!r} (got "
+                          "dp.unit='user'): a language model's unit of privacy is one record, "
+                          "and a text corpus has no users or labels to partition them by "
+                          "(federated.partition would group records by their lengths).")
     if mesh is not None:
         raise ConfigError("Expected train.devices=1 with dp.unit='user': a round runs on one "
                           "device.")

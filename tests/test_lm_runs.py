@@ -325,3 +325,12 @@ def test_check_source_compares_every_private_origin_by_content_and_skips_public_
     with pytest.raises(ConfigError, match=r"through the chain.*with DP \(epsilon 2\)"):
         check(source("private_text", 0, with_canaries=False, dp=True))  # same seed
     check(source("private_text", 0, with_canaries=True), dp_enabled=False)  # claims nothing
+
+
+def test_user_level_dp_is_refused_for_a_language_model():
+    """Records have no users: the label-skew partition would group them by length."""
+    from dpjax.assembly import assemble_parts
+    from dpjax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dp.unit='example' with dataset='private_text'"):
+        assemble_parts(compose(["experiment=lm_quick", *TINY, *TINY_PRIVATE, "dp.unit=user"]))
