@@ -106,6 +106,17 @@ class Origin:
                 "epsilon": self.epsilon}
 
 
+def params_digest(params: PyTree) -> str:
+    """SHA-256 of every leaf's path, dtype, shape and bytes: which parameters a run started
+    from (a resumed run must find the same)."""
+    h = hashlib.sha256()
+    for key, leaf in sorted(traverse_util.flatten_dict(params).items()):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{'/'.join(key)}:{arr.dtype}:{arr.shape};".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def _split_digests(joined: str | None) -> tuple[str, ...] | None:
     if joined is None:
         return None

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpjax.init_from as init_from
+from dpjax.checkpoint import CheckpointError
 from dpjax.config import ConfigError, RunConfig
 from dpjax.data.canaries import CanarySet, make_canaries
 from dpjax.data.registry import PUBLIC_TEXT_DATASETS, TEXT_DATASETS, load_dataset
@@ -128,6 +129,9 @@ def _rebuild(fingerprint: dict[str, Any], depth: int) -> PyTree:
     return start_params(settings, int(fingerprint.get("train.seed", 0)), source)
 
 
+SOURCE_START = "init_from_start"  # checkpoint metadata: LMSetup.source_start()
+
+
 @dataclasses.dataclass(frozen=True)
 class LMSetup:
     """What a language-model task holds besides the :class:`~dpjax.task.Task` fields: the
@@ -150,7 +154,28 @@ class LMSetup:
         sources and the corpus's record digests (private, like the checkpoint)."""
         return {init_from.PROVENANCE: [] if self.source is None
                 else self.source.provenance_meta(),
-                init_from.RECORD_DIGESTS: "".join(self.digests)}
+                init_from.RECORD_DIGESTS: "".join(self.digests),
+                SOURCE_START: self.source_start()}
+
+    def source_start(self) -> dict[str, Any] | None:
+        """The source's checkpoint step and a digest of its parameters (None without one)."""
+        if self.source is None:
+            return None
+        return {"path": self.source.path, "step": self.source.steps,
+                "params_sha256": init_from.params_digest(self.source.params)}
+
+    def check_resumed(self, meta: dict[str, Any]) -> None:
+        """A resumed run must start from the same source parameters as before: the source
+        is read again at every build, and a source that has written another checkpoint
+        since would put the trained leaves on another frozen base."""
+        before, now = meta.get(SOURCE_START), self.source_start()
+        if before is None or now is None or before == now:
+            return
+        raise CheckpointError(
+            f"Expected model.init_from={now['path']!r} to hold the parameters this run started "
+            f"from (checkpoint step {before['step']}); it now holds step {now['step']} with "
+            "other parameters, so resuming would train on another base. Restore the source, "
+            "or point hydra.run.dir at a new directory to start afresh from it.")
 
     def full_params(self, params: PyTree) -> PyTree:
         """The whole model's parameters from the task's (trainable) ``params``."""

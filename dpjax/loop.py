@@ -81,6 +81,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         state, progressed = restored.state, resume.Progressed.from_meta(restored.meta)
         resume.check_restored(restored, progressed, cfg.dp.enabled)
         resume.check_data(restored, run.data_fingerprint(state.key))
+        if run.task.lm is not None:
+            run.task.lm.check_resumed(restored.meta)
         progressed.resumed_from.append(restored.step)
         log.info("resuming from checkpoint step %d in %s", restored.step,
                  run.checkpointer.directory)

@@ -167,6 +167,10 @@ EXTENDED = {
     "_odd_batch_size[transformer]": "15 s",
     "tests/test_fast_clipping_lean.py::test_lean_matches_vmap_with_mask_and_nonfinite_rows_at"
     "_odd_batch_size[eqx_cnn]": "6 s",
+    # model.init_from (issue 15 review, 2026-11-30): three tiny runs and two resumes; CI
+    # keeps the chain, content and check_source tests (the privacy rules)
+    "tests/test_lm_runs.py::test_resuming_after_the_source_has_changed_is_refused":
+        "3 tiny runs, 2 resumes: 29 s loaded",
     "tests/test_fast_clipping_lean.py::test_lean_dp_step_memory_is_within_1_2x_of_the_non_private"
     "_step": "9 s each (Linen, Equinox): the issue's target at MLP B = 1024, printed by "
     "bench_clipping.py too",

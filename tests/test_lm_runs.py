@@ -334,3 +334,33 @@ def test_user_level_dp_is_refused_for_a_language_model():
 
     with pytest.raises(ConfigError, match=r"dp.unit='example' with dataset='private_text'"):
         assemble_parts(compose(["experiment=lm_quick", *TINY, *TINY_PRIVATE, "dp.unit=user"]))
+
+
+def test_resuming_after_the_source_has_changed_is_refused(tmp_path):
+    """The source is read again when a run resumes: if it now holds other parameters (it
+    trained on, or was replaced), the adapters would continue on another frozen base."""
+    import shutil
+
+    from dpjax.checkpoint import CheckpointError
+    from dpjax.loop import run_training
+    from dpjax.task import build_task
+
+    pre = ["experiment=lm_pretrain", *TINY, "train.steps=1"]
+    source, other = tmp_path / "source", tmp_path / "other"
+    run_training(compose(pre), source)
+    run_training(compose([*pre, "train.seed=1"]), other)
+    tune = compose(["experiment=lm_nonprivate_finetune", *TINY, *TINY_PRIVATE,
+                    "model.options.lora_rank=4", "model.options.trainable=lora",
+                    f"model.init_from={source}", "train.steps=1"])
+    run_training(tune, tmp_path / "tune")
+    from dpjax import checkpoint
+    from dpjax.lm_task import SOURCE_START
+
+    _, meta, _ = checkpoint.read_params(tmp_path / "tune" / "checkpoints")
+    assert meta[SOURCE_START] == build_task(tune).lm.source_start()
+    run_training(tune, tmp_path / "tune")  # resuming a finished run from the same source: fine
+    shutil.rmtree(source)
+    shutil.copytree(other, source)
+    with pytest.raises(CheckpointError, match="now holds step 1 with other parameters"):
+        run_training(tune, tmp_path / "tune")
+    assert (tmp_path / "tune" / "checkpoints").is_dir()  # nothing of the run was removed
