@@ -85,12 +85,14 @@ class Origin:
     delta: float | None
     steps: int
     digests: tuple[str, ...] | None = None
+    randomness: str = "secure"  # dp.randomness: "seeded" voids epsilon against the seed
 
     def to_meta(self) -> dict[str, Any]:
         return {"path": self.path, "dataset": self.dataset,
                 "dataset_options": self.dataset_options, "dp_enabled": self.dp_enabled,
                 "epsilon": self.epsilon, "delta": self.delta, "steps": self.steps,
-                "digests": None if self.digests is None else "".join(self.digests)}
+                "digests": None if self.digests is None else "".join(self.digests),
+                "randomness": self.randomness}
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> Origin:
@@ -98,12 +100,13 @@ class Origin:
                    dataset_options=dict(meta.get("dataset_options") or {}),
                    dp_enabled=bool(meta["dp_enabled"]), epsilon=meta.get("epsilon"),
                    delta=meta.get("delta"), steps=int(meta.get("steps", 0)),
-                   digests=_split_digests(meta.get("digests")))
+                   digests=_split_digests(meta.get("digests")),
+                   randomness=str(meta.get("randomness", "secure")))
 
     def public(self) -> dict[str, Any]:
         """What ``summary.json`` reports of it (its configuration and accountant)."""
         return {"path": self.path, "dataset": self.dataset, "dp_enabled": self.dp_enabled,
-                "epsilon": self.epsilon}
+                "epsilon": self.epsilon, "randomness": self.randomness}
 
 
 def params_digest(params: PyTree) -> str:
@@ -191,7 +194,8 @@ def read_source(path: str, *, rebuild: Callable[[dict[str, Any], int], PyTree],
     dataset, dataset_options = str(fp.get("dataset.name")), dict(fp.get("dataset.options") or {})
     origin = Origin(path=str(Path(path).expanduser().absolute()), dataset=dataset,
                     dataset_options=dataset_options, dp_enabled=dp_enabled, epsilon=epsilon,
-                    delta=delta, steps=step, digests=_split_digests(meta.get(RECORD_DIGESTS)))
+                    delta=delta, steps=step, digests=_split_digests(meta.get(RECORD_DIGESTS)),
+                    randomness=str(fp.get("dp.randomness", "secure")))
     return Source(path=path, params=fold_adapters(full, alpha), dataset=dataset,
                   dataset_options=dataset_options, dp_enabled=dp_enabled, epsilon=epsilon,
                   delta=delta, steps=step,

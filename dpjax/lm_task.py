@@ -302,6 +302,7 @@ def summary_fields(setup: LMSetup | None) -> dict[str, Any]:
         "init_from_dataset": None if source is None else source.dataset,
         "init_from_dp_enabled": None if source is None else source.dp_enabled,
         "init_from_epsilon": None if source is None else source.epsilon,
+        "init_from_randomness": None if source is None else source.origins[0].randomness,
         "init_from_ancestors": None if source is None else [
             o.public() for o in source.origins[1:]],
     }

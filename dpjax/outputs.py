@@ -95,6 +95,8 @@ SUMMARY_FIELDS: dict[str, tuple[str, str]] = {
     "init_from_dataset": (PUBLIC, "the source run's configuration"),
     "init_from_dp_enabled": (PUBLIC, "the source run's configuration"),
     "init_from_epsilon": (PUBLIC, "the source run's accountant, for its own dataset"),
+    "init_from_randomness": (PUBLIC, "the source run's configuration: seeded means its "
+                                     "epsilon does not hold against anyone with its seed"),
     "init_from_ancestors": (PUBLIC, "the source's own chain of sources: their paths, "
                                     "datasets, whether with DP and their epsilons "
                                     "(configuration and accountants)"),

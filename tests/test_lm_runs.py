@@ -143,6 +143,7 @@ def test_a_fine_tune_starts_from_its_source_and_records_it(tmp_path):
     fields = summary_fields(task.lm)
     assert fields["init_from"] == str(source_dir)
     assert fields["init_from_dataset"] == "pydoc_text"
+    assert fields["init_from_randomness"] == "seeded"  # these test runs are seeded
     assert fields["init_from_dp_enabled"] is False and fields["init_from_epsilon"] is None
     assert fields["trainable"] == "lora"
 
@@ -180,9 +181,10 @@ def test_a_dp_fine_tune_from_a_non_private_run_on_its_own_records_is_refused(tmp
     # on other records it is accepted, and the summary names the whole chain
     fields = summary_fields(build_task(compose([*laundered, "dataset.options.seed=1"])).lm)
     assert fields["init_from_dataset"] == "pydoc_text"
+    assert fields["init_from_randomness"] == "seeded"  # these test runs are seeded
     [leaky] = fields["init_from_ancestors"]
     assert leaky["dataset"] == "private_text" and leaky["dp_enabled"] is False
-    assert leaky["path"] == str(source_dir.absolute())
+    assert leaky["path"] == str(source_dir.absolute()) and leaky["randomness"] == "seeded"
 
 
 def test_a_copy_of_the_sources_records_under_another_path_is_refused(tmp_path, caplog):
