@@ -227,6 +227,32 @@ class Checkpointer:
         self._manager.close()
 
 
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The metadata of the latest checkpoint under ``directory`` (no state is read).
+    Raises :class:`CheckpointError` when there is none or it cannot be read."""
+    directory = Path(directory).expanduser().absolute()
+    if not directory.is_dir():
+        raise CheckpointError(f"Expected the checkpoint directory {directory} to exist.")
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"Expected a checkpoint in {directory}; it holds none.")
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
+        except Exception as err:
+            raise CheckpointError(f"Expected a readable checkpoint step {step} in {directory}; "
+                                  f"reading it failed with {type(err).__name__}: {err}") from err
+    finally:
+        manager.close()
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"Expected checkpoint step {step} in {directory} to hold a JSON "
+                              "object of metadata.")
+    return meta
+
+
 def read_params(directory: str | Path) -> tuple[Any, dict[str, Any], int]:
     """``(params, meta, step)`` of the latest checkpoint under ``directory``, read-only.
 

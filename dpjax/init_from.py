@@ -19,10 +19,11 @@ The check covers the whole chain (:class:`Origin`: the source, the source's sour
 ...): a run that starts from another run writes that chain into its checkpoint
 (``provenance``), so a public pre-training continued from a private fine-tune does
 not launder the fine-tune's records. Records are compared by content as well as by
-configuration: every checkpoint holds a short hash of each record its run could see
-(``record_digests``: the training, validation and test records, canaries included),
-and a DP run is refused when any of its own records is among an origin's -- whatever
-path, copy or split the text came from.
+configuration: every checkpoint holds a short hash of each of its run's training records
+(``record_digests``, canaries included; the chain refers to its runs by path and reads
+theirs at check time), and a DP run is refused when any of its training records is among
+an origin's -- whatever path, copy, split or context length the text came from (byte-
+identical records only).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from flax import traverse_util
 import dpjax.accounting as accounting
 import dpjax.checkpoint as checkpoint
 from dpjax.config import ConfigError
+from dpjax.data.text import DIGEST_CHARS
 from dpjax.models.lora import ADAPTER_NAMES, is_adapter
 from dpjax.models.transformer import DecoderLM
 
@@ -48,33 +50,21 @@ MAX_DEPTH = 8
 PROVENANCE = "provenance"
 """Checkpoint metadata key: the run's chain of sources (:meth:`Origin.to_meta` each)."""
 RECORD_DIGESTS = "record_digests"
-"""Checkpoint metadata key: :func:`record_digests` of every record the run's corpus holds."""
-DIGEST_CHARS = 16  # hex characters kept of each record's SHA-256 (64 bits)
-
-
-def record_digests(tokens, lengths, context_length: int) -> list[str]:
-    """The first 64 bits (hex) of the SHA-256 of each row's first window, sorted, distinct.
-
-    A row is ``[BOS, bytes..., EOS, PAD...]``; its first ``context_length + 1`` real
-    tokens are the same under ``overflow=truncate`` and ``windows``, so one record
-    gives one digest in every run of the same context length (which
-    ``model.init_from`` requires). These are unkeyed hashes of private text: they are
-    written to checkpoints only (as private as the data: they hold the secret).
-    """
-    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    out = set()
-    for row, n in zip(tokens, lengths, strict=True):
-        head = np.ascontiguousarray(row[:min(int(n), context_length + 1)], dtype="<i4")
-        out.add(hashlib.sha256(head.tobytes()).hexdigest()[:DIGEST_CHARS])
-    return sorted(out)
+"""Checkpoint metadata key: :func:`~dpjax.data.text.record_digests` of the run's training
+records (canaries included). Only in the run's own checkpoints: a run that starts from it
+records the chain by reference and reads these at check time, so a shared descendant
+checkpoint never carries another run's record hashes."""
+SOURCE_START = "init_from_start"
+"""Checkpoint metadata key: the source's path, checkpoint step and :func:`params_digest`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Origin:
     """One run of a chain of ``init_from`` sources: what it was trained on.
 
-    ``digests``: :func:`record_digests` of the records its corpus held (None for a
-    checkpoint written before 2026-12: then only the configuration is compared).
+    ``digests``: the record digests of its training records, read from its own checkpoint
+    (None when that checkpoint predates them or cannot be read: then only the
+    configuration is compared, and the run says so).
     """
 
     path: str
@@ -91,7 +81,6 @@ class Origin:
         return {"path": self.path, "dataset": self.dataset,
                 "dataset_options": self.dataset_options, "dp_enabled": self.dp_enabled,
                 "epsilon": self.epsilon, "delta": self.delta, "steps": self.steps,
-                "digests": None if self.digests is None else "".join(self.digests),
                 "randomness": self.randomness}
 
     @classmethod
@@ -100,7 +89,7 @@ class Origin:
                    dataset_options=dict(meta.get("dataset_options") or {}),
                    dp_enabled=bool(meta["dp_enabled"]), epsilon=meta.get("epsilon"),
                    delta=meta.get("delta"), steps=int(meta.get("steps", 0)),
-                   digests=_split_digests(meta.get("digests")),
+                   digests=_digests_of(str(meta["path"])),
                    randomness=str(meta.get("randomness", "secure")))
 
     def public(self) -> dict[str, Any]:
@@ -118,6 +107,15 @@ def params_digest(params: PyTree) -> str:
         h.update(f"{'/'.join(key)}:{arr.dtype}:{arr.shape};".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def _digests_of(path: str) -> tuple[str, ...] | None:
+    """The record digests in the checkpoint at ``path`` (None if absent or unreadable)."""
+    try:
+        meta = checkpoint.read_meta(checkpoint_dir(path))
+    except checkpoint.CheckpointError:
+        return None
+    return _split_digests(meta.get(RECORD_DIGESTS))
 
 
 def _split_digests(joined: str | None) -> tuple[str, ...] | None:
@@ -163,10 +161,10 @@ def read_source(path: str, *, rebuild: Callable[[dict[str, Any], int], PyTree],
                 depth: int = 0) -> Source:
     """The parameters and the training record of the run that wrote ``path``.
 
-    ``rebuild(fingerprint, depth)`` returns the starting parameters of a run with
-    that checkpoint fingerprint (its fresh init, or its own source's): a source that
-    trained only some leaves (LoRA, last layer) saved only those, and the rest is
-    what it started from.
+    ``rebuild(fingerprint, depth, expected)`` returns the starting parameters of a run
+    with that checkpoint fingerprint (its fresh init, or its own source's, whose
+    :func:`params_digest` must be ``expected`` when given): a source that trained only
+    some leaves (LoRA, last layer) saved only those, and the rest is what it started from.
     """
     if depth >= MAX_DEPTH:
         raise ConfigError(f"Expected a chain of at most {MAX_DEPTH} model.init_from sources; "
@@ -183,7 +181,10 @@ def read_source(path: str, *, rebuild: Callable[[dict[str, Any], int], PyTree],
     options = dict(fp.get("model.options") or {})
     full = saved
     if options.get("trainable", "full") != "full":
-        full = _overlay_saved(rebuild(fp, depth + 1), saved, path)
+        # the frozen leaves are the source's start, rebuilt from its own source: which must
+        # still hold the parameters the source started from
+        expected = (meta.get(SOURCE_START) or {}).get("params_sha256")
+        full = _overlay_saved(rebuild(fp, depth + 1, expected), saved, path)
     alpha = float(options.get("lora_alpha", DecoderLM.lora_alpha))
     dp_enabled = bool(fp.get("dp.enabled", True))
     epsilon = delta = None
@@ -292,7 +293,8 @@ def check_source(source: Source, *, dataset: str, dataset_options: Mapping[str, 
 
     Each :class:`Origin` of ``source.origins`` is compared with this run: by
     configuration (:func:`same_records`) and by content (``digests``, this run's
-    :func:`record_digests`, against the origin's). An origin trained on a public corpus
+    :func:`~dpjax.data.text.record_digests`, against the origin's). An origin trained on a
+    public corpus
     is not compared (a private line may equal a public one), one on other private records
     is accepted (the summary names the chain); so is any source for
     a non-private run, which claims nothing; and a run on a public corpus has no private

@@ -120,16 +120,23 @@ def start_params(settings: LMSettings, seed: int,
     return init_from.overlay(params, source.params, source.path)
 
 
-def _rebuild(fingerprint: dict[str, Any], depth: int) -> PyTree:
-    """The starting parameters of the run whose checkpoint has ``fingerprint``."""
+def _rebuild(fingerprint: dict[str, Any], depth: int, expected: str | None = None) -> PyTree:
+    """The starting parameters of the run whose checkpoint has ``fingerprint``; its own
+    source must hold the parameters it started from (``expected``, their digest)."""
     settings = lm_settings(dict(fingerprint.get("model.options") or {}),
                            dict(fingerprint.get("dataset.options") or {}))
     path = fingerprint.get("model.init_from")
     source = None if path is None else load_source(path, depth)
+    if source is not None and expected is not None \
+            and init_from.params_digest(source.params) != expected:
+        raise ConfigError(
+            f"Expected model.init_from={path!r} (the source of a source of this run) to hold the "
+            "parameters its descendant started from; it holds others (it trained on, or was "
+            "replaced), so that descendant's frozen base cannot be rebuilt.")
     return start_params(settings, int(fingerprint.get("train.seed", 0)), source)
 
 
-SOURCE_START = "init_from_start"  # checkpoint metadata: LMSetup.source_start()
+SOURCE_START = init_from.SOURCE_START  # checkpoint metadata: LMSetup.source_start()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +150,7 @@ class LMSetup:
     corpus: TextDataset
     source: init_from.Source | None
     canaries: CanarySet | None
-    digests: tuple[str, ...] = ()  # init_from.record_digests of the corpus (checkpoints only)
+    digests: tuple[str, ...] = ()  # the training records' digests (checkpoints only)
 
     @property
     def model(self) -> DecoderLM:
@@ -174,8 +181,10 @@ class LMSetup:
         raise CheckpointError(
             f"Expected model.init_from={now['path']!r} to hold the parameters this run started "
             f"from (checkpoint step {before['step']}); it now holds step {now['step']} with "
-            "other parameters, so resuming would train on another base. Restore the source, "
-            "or point hydra.run.dir at a new directory to start afresh from it.")
+            "other parameters (it trained on or was replaced, or its own frozen base was "
+            "rebuilt differently, e.g. by another jax version), so resuming would train on "
+            "another base. Restore the source, or point hydra.run.dir at a new directory to "
+            "start afresh from it.")
 
     def full_params(self, params: PyTree) -> PyTree:
         """The whole model's parameters from the task's (trainable) ``params``."""
@@ -228,10 +237,7 @@ def build_lm_fields(cfg: RunConfig) -> dict[str, Any]:
             "training; test_bits_per_byte and test_accuracy are computed on them without "
             "noise and are not covered by epsilon. Publish them only if those records may be "
             "public, or give a directory with a public test.txt.", corpus.num_test)
-    digests = tuple(init_from.record_digests(
-        np.concatenate([corpus.train_tokens, corpus.validation_tokens, corpus.test_tokens]),
-        np.concatenate([corpus.train_lengths, corpus.validation_lengths, corpus.test_lengths]),
-        corpus.context_length))
+    digests = corpus.train_digests
     if source is not None:
         public_options = {k: v for k, v in options.items() if k != CANARIES_OPTION}
         init_from.check_source(source, dataset=cfg.dataset.name,

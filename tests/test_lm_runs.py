@@ -174,6 +174,14 @@ def test_a_dp_fine_tune_from_a_non_private_run_on_its_own_records_is_refused(tmp
     public_dir = tmp_path / "public_from_leaky"
     run_training(compose(["experiment=lm_pretrain", *TINY, f"model.init_from={source_dir}",
                           "train.steps=1"]), public_dir)
+    # the public run's checkpoint names the leaky run but holds none of its record hashes
+    from dpjax import checkpoint
+    from dpjax.init_from import PROVENANCE, RECORD_DIGESTS
+
+    leaky_digests = checkpoint.read_meta(source_dir / "checkpoints")[RECORD_DIGESTS]
+    public_meta = checkpoint.read_meta(public_dir / "checkpoints")
+    assert [o["path"] for o in public_meta[PROVENANCE]] == [str(source_dir.absolute())]
+    assert leaky_digests and leaky_digests[:16] not in str(public_meta)
     laundered = [*dp[:-2], f"model.init_from={public_dir}", "train.steps=1"]
     with pytest.raises(ConfigError, match="through the chain of sources") as refused:
         build_task(compose(laundered))
@@ -204,12 +212,15 @@ def test_a_copy_of_the_sources_records_under_another_path_is_refused(tmp_path, c
     other = tmp_path / "c" / "others.txt"
     other.parent.mkdir()
     other.write_text("\n".join(f"account {i} paid {i * 7} euros" for i in range(60)) + "\n")
-    text = ["dataset=text", "dataset.options.context_length=32"]
+    # rotary positions: no parameter depends on the context length, so the DP run may use
+    # another one (16 here, 32 in the source): the digests hash whole records, not rows
+    text = ["dataset=text", "model.options.positions=rotary"]
     source_dir = tmp_path / "leaky"
-    run_training(compose(["experiment=lm_nonprivate_finetune", *TINY, *text,
-                          f"dataset.options.path={original}", "train.steps=1"]), source_dir)
-    dp = ["experiment=lm_dp_finetune", *TINY, *text, "model.options.lora_rank=4",
-          f"model.init_from={source_dir}", "train.steps=1"]
+    source_cfg = compose(["experiment=lm_nonprivate_finetune", *TINY, *text,
+                          f"dataset.options.path={original}", "train.steps=1"])
+    run_training(source_cfg, source_dir)
+    dp = ["experiment=lm_dp_finetune", *TINY, *text, "dataset.options.context_length=16",
+          "model.options.lora_rank=4", f"model.init_from={source_dir}", "train.steps=1"]
     with pytest.raises(ConfigError, match=r"was trained on \d+ of this run's records"):
         build_task(compose([*dp, f"dataset.options.path={copy}"]))
     assert build_task(compose([*dp, f"dataset.options.path={other}"])).lm.source is not None
@@ -219,7 +230,8 @@ def test_a_copy_of_the_sources_records_under_another_path_is_refused(tmp_path, c
 
     _, meta, _ = checkpoint.read_params(source_dir / "checkpoints")
     digests = meta[RECORD_DIGESTS]
-    assert len(digests) == DIGEST_CHARS * len(set(lines))
+    assert digests == "".join(build_task(source_cfg).lm.corpus.train_digests)
+    assert len(digests) == DIGEST_CHARS * 48  # the 48 training records of 60 lines
     for public in ("summary.json", "metrics.jsonl"):
         written = (source_dir / public).read_text()
         assert not any(digests[i:i + DIGEST_CHARS] in written
@@ -292,15 +304,14 @@ def test_check_source_compares_every_private_origin_by_content_and_skips_public_
     from dpjax.config import ConfigError
     from dpjax.data.canaries import make_canaries
     from dpjax.data.text import load_private_text
-    from dpjax.init_from import Origin, Source, check_source, record_digests
+    from dpjax.init_from import Origin, Source, check_source
 
     canaries = make_canaries(seed=0, repetitions=(1,), canaries_per_repetition=2, num_fresh=1,
                              secret_length=4)
 
     def digests(seed, with_canaries):
-        ds = load_private_text(num_records=60, seed=seed, context_length=32,
-                               canaries=canaries if with_canaries else None)
-        return tuple(record_digests(ds.train_tokens, ds.train_lengths, 32))
+        return load_private_text(num_records=60, seed=seed, context_length=32,
+                                 canaries=canaries if with_canaries else None).train_digests
 
     audit_run = digests(0, True)
 
@@ -366,3 +377,10 @@ def test_resuming_after_the_source_has_changed_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="now holds step 1 with other parameters"):
         run_training(tune, tmp_path / "tune")
     assert (tmp_path / "tune" / "checkpoints").is_dir()  # nothing of the run was removed
+    # a run starting from the LoRA tune rebuilds its frozen base from the (replaced) source
+    from dpjax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="frozen base cannot be rebuilt"):
+        build_task(compose(["experiment=lm_dp_finetune", *TINY, *TINY_PRIVATE,
+                            "dataset.options.seed=1", "model.options.lora_rank=4",
+                            f"model.init_from={tmp_path / 'tune'}", "train.steps=1"]))

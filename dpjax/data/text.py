@@ -130,6 +130,8 @@ class TextDataset:
       vocab_size: 259 (bytes, BOS, EOS, PAD).
       num_truncated: records (all splits) that did not fit in a row.
       num_canary_records: canary records inserted into the training split.
+      train_digests: :func:`record_digests` of the training records (canaries included):
+        unkeyed hashes of private text, for checkpoints only (``model.init_from``'s check).
     """
 
     train_tokens: np.ndarray
@@ -146,6 +148,7 @@ class TextDataset:
     vocab_size: int = VOCAB_SIZE
     num_truncated: int = 0
     num_canary_records: int = 0
+    train_digests: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _checks.int_at_least("context_length", self.context_length, 1)
@@ -282,7 +285,20 @@ def make_text_dataset(
     return TextDataset(**arrays, context_length=context_length, name=name,
                        corpus_hash=corpus_hash, generator_version=generator_version,
                        hash_is_public=hash_is_public, num_truncated=truncated,
-                       num_canary_records=num_canary_records)
+                       num_canary_records=num_canary_records,
+                       train_digests=record_digests(train))
+
+
+DIGEST_CHARS = 16  # hex characters kept of each record's SHA-256 (64 bits)
+
+
+def record_digests(records: Sequence[str]) -> tuple[str, ...]:
+    """The first 64 bits (hex) of the SHA-256 of each record's whole UTF-8 text, sorted and
+    distinct: the same record gives the same digest whatever the context length, overflow
+    mode, file, path or split it came from. Byte-identical records only (an edit of one
+    character, or other whitespace, gives another digest)."""
+    return tuple(sorted({hashlib.sha256(r.encode("utf-8")).hexdigest()[:DIGEST_CHARS]
+                         for r in records}))
 
 
 def pydoc_records() -> list[str]:
