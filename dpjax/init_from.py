@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,12 @@ def check_source(source: Source, *, dataset: str, dataset_options: Mapping[str, 
             continue  # a public corpus may share lines with the private one: nothing to protect
         by_config = same_records(origin.dataset, origin.dataset_options, dataset,
                                  dataset_options)
+        if origin.digests is None and not by_config:
+            logging.getLogger("dpjax").warning(
+                "model.init_from: %s (trained on %s) has no readable record digests (its "
+                "checkpoint predates them, or is gone): its records were compared with this "
+                "run's by configuration only, so a copy of them under another path would not "
+                "be found.", origin.path, origin.dataset)
         shared = 0 if origin.digests is None else len(own.intersection(origin.digests))
         if not (by_config or shared):
             continue

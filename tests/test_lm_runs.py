@@ -298,7 +298,7 @@ def test_fast_clipping_equals_vmap_clipping_on_the_lm(trainable):
         assert diff <= 1e-4 * clip * kept.sum()
 
 
-def test_check_source_compares_every_private_origin_by_content_and_skips_public_ones():
+def test_check_source_compares_every_private_origin_by_content_and_skips_public_ones(caplog):
     """No training: the rule itself. A canary set trained into a source on other records
     (another corpus seed) shares the audit's canary records, so it is refused too."""
     from dpjax.config import ConfigError
@@ -338,6 +338,14 @@ def test_check_source_compares_every_private_origin_by_content_and_skips_public_
     with pytest.raises(ConfigError, match=r"through the chain.*with DP \(epsilon 2\)"):
         check(source("private_text", 0, with_canaries=False, dp=True))  # same seed
     check(source("private_text", 0, with_canaries=True), dp_enabled=False)  # claims nothing
+    # an origin without readable digests is compared by configuration only, and said so
+    import dataclasses
+
+    blind = source("private_text", 1, with_canaries=True)
+    blind = dataclasses.replace(blind, origins=(
+        blind.origins[0], dataclasses.replace(blind.origins[1], digests=None)))
+    check(blind)
+    assert "by configuration only" in caplog.text
 
 
 def test_user_level_dp_is_refused_for_a_language_model():
