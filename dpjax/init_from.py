@@ -158,7 +158,7 @@ def checkpoint_dir(path: str) -> Path:
         else root
 
 
-def read_source(path: str, *, rebuild: Callable[[dict[str, Any], int], PyTree],
+def read_source(path: str, *, rebuild: Callable[[dict[str, Any], int, str | None], PyTree],
                 depth: int = 0) -> Source:
     """The parameters and the training record of the run that wrote ``path``.
 
