@@ -158,7 +158,7 @@ class LMSetup:
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What this run's checkpoints record for runs that start from them: the chain of
-        sources and the corpus's record digests (private, like the checkpoint)."""
+        sources and its training records' digests (private, like the checkpoint)."""
         return {init_from.PROVENANCE: [] if self.source is None
                 else self.source.provenance_meta(),
                 init_from.RECORD_DIGESTS: "".join(self.digests),
