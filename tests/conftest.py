@@ -178,6 +178,18 @@ EXTENDED = {
     "[cnn_problem]": "12 s; CI keeps the MLP, and fast-vs-vmap parity on CNNs",
     "tests/test_transformer.py::test_position_t_does_not_see_later_tokens[rotary]":
         "14 s; CI keeps learned positions (the causal mask is the same)",
+    # and, after a cold idle run of the suite at 758 s (19:19-19:31; 699 s at 16:5x), five
+    # more with siblings in CI (cold CPU seconds):
+    "tests/test_scripts.py::test_the_script_runs_in_its_smallest_mode[bench_exposure]":
+        "15 s; CI keeps the trie scorer's equality with brute force (tests/audit)",
+    "tests/test_golden_runs.py::test_a_two_device_seeded_run_is_bit_identical_to_its_golden":
+        "16 s; CI keeps the one-device golden runs of every mechanism path",
+    "tests/test_fast_clipping.py::test_every_framework_finds_its_layers": "14 s; CI keeps "
+    "fast-vs-vmap parity on Linen, NNX, Equinox and dict models",
+    "tests/test_train_step.py::test_dp_training_reduces_the_loss": "11 s; CI keeps the "
+    "golden runs (bit-exact seeded trajectories)",
+    "tests/test_distributed_dp.py::test_a_distributed_noise_run_reports_its_parameters_and_the"
+    "_rdp_epsilon[skellam]": "14 s; CI keeps the ddgauss run of the same test",
     # model.init_from (issue 15 review, 2026-11-30): three tiny runs and two resumes; CI
     # keeps the chain, content and check_source tests (the privacy rules)
     "tests/test_lm_runs.py::test_resuming_after_the_source_has_changed_is_refused":
